@@ -1,0 +1,14 @@
+"""cwm-jax: Meta's CWM (Code World Model) in JAX / Flax NNX."""
+
+from cwm_jax.config import ConfigError, CwmConfig, cwm_32b, cwm_tiny, flops_per_token, param_count
+from cwm_jax.model import CwmModel
+
+__all__ = [
+    "ConfigError",
+    "CwmConfig",
+    "CwmModel",
+    "cwm_32b",
+    "cwm_tiny",
+    "flops_per_token",
+    "param_count",
+]

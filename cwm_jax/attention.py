@@ -1,0 +1,295 @@
+"""Self-attention for CWM: one entry point, a dense test oracle and a blocked pure-JAX reference.
+
+Shape legend:
+  B batch, T query positions, S key positions (self-attention: S == T), N query heads, K KV heads, G = N // K query
+  heads per KV head, H head dim, W sliding window. The blocked code adds Q (query block), C (KV block) and n (block
+  index, leading axis of per-block stacks).
+
+Visibility: query i sees key j iff j <= i, and i - W < j when a window W is given (W keys, itself included), and
+seg[i] == seg[j] when segment ids are given. Every query sees at least itself. Query head h reads KV head h // G
+(transformers repeat_kv), done by reshaping q to [B, T, K, G, H], never by repeating K/V.
+
+Numerics: scale H ** -0.5 inside; scores, softmax statistics and accumulation in float32; probabilities are cast to
+v's dtype for the PV matmul (flash-attention practice); output in q's dtype.
+
+The blocked reference (impl="xla") is FlashAttention-2 in plain JAX with a custom VJP: it never builds T x T scores or
+masks, saves only the output and the per-row logsumexp, and visits only the (query block, KV block) pairs that can hold
+a visible pair, so a local layer costs O(T * W) time and O(T) memory, forward and backward.
+"""
+
+import functools
+import math
+import operator
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+IMPLS = ("xla", "dense")
+
+
+def _check_inputs(q_BTNH, k_BTKH, v_BTKH, window, segment_ids_BT):
+    """Validate shapes and the window; returns the window as a Python int or None."""
+    if q_BTNH.ndim != 4 or k_BTKH.ndim != 4 or k_BTKH.shape != v_BTKH.shape:
+        raise ValueError(
+            f"want q [B, T, N, H] and k, v [B, T, K, H]; got {q_BTNH.shape}, {k_BTKH.shape}, {v_BTKH.shape}"
+        )
+    B, T, N, H = q_BTNH.shape
+    if k_BTKH.shape[:2] != (B, T) or k_BTKH.shape[3] != H or N % k_BTKH.shape[2]:
+        raise ValueError(f"q {q_BTNH.shape} and k/v {k_BTKH.shape} are not a GQA self-attention pair")
+    if segment_ids_BT is not None and segment_ids_BT.shape != (B, T):
+        raise ValueError(f"segment_ids_BT must be [B, T] = {(B, T)}, got {segment_ids_BT.shape}")
+    if window is None:
+        return None
+    window = operator.index(window)
+    if window < 1:
+        raise ValueError(f"window must be >= 1 or None, got {window}")
+    return window
+
+
+def _visible(q_pos_T, k_pos_S, window, seg_q_BT, seg_k_BS):
+    """Boolean visibility [B or 1, T, S] for query and key positions (absolute indices in the sequence)."""
+    vis_TS = k_pos_S[None, :] <= q_pos_T[:, None]
+    if window is not None:
+        vis_TS = vis_TS & (q_pos_T[:, None] - k_pos_S[None, :] < window)
+    vis_BTS = vis_TS[None]
+    if seg_q_BT is not None:
+        vis_BTS = vis_BTS & (seg_q_BT[:, :, None] == seg_k_BS[:, None, :])
+    return vis_BTS
+
+
+def attention_dense(q_BTNH, k_BTKH, v_BTKH, *, window=None, segment_ids_BT=None):
+    """Dense causal (optionally sliding-window, optionally packed) GQA self-attention; the test oracle.
+
+    Builds the full [B, K, G, T, T] float32 scores, so memory is O(T^2): use it for checks, not long sequences.
+    """
+    window = _check_inputs(q_BTNH, k_BTKH, v_BTKH, window, segment_ids_BT)
+    B, T, N, H = q_BTNH.shape
+    K = k_BTKH.shape[2]
+    q_BTKGH = q_BTNH.reshape(B, T, K, N // K, H)
+    s_BKGTS = jnp.einsum("btkgh,bskh->bkgts", q_BTKGH, k_BTKH, preferred_element_type=jnp.float32) * H**-0.5
+    pos_T = jnp.arange(T, dtype=jnp.int32)
+    vis_BTS = _visible(pos_T, pos_T, window, segment_ids_BT, segment_ids_BT)
+    # Every row sees its own key, so no row is all -inf and softmax stays finite.
+    p_BKGTS = jax.nn.softmax(jnp.where(vis_BTS[:, None, None], s_BKGTS, -jnp.inf), axis=-1)
+    o_BTKGH = jnp.einsum("bkgts,bskh->btkgh", p_BKGTS.astype(v_BTKH.dtype), v_BTKH, preferred_element_type=jnp.float32)
+    return o_BTKGH.reshape(B, T, N, H).astype(q_BTNH.dtype)
+
+
+def _round_up(x, m):
+    return -(-x // m) * m
+
+
+def _plan(seq_len, block_q, block_k):
+    """Clamped block sizes (Q, C) and the padded length, a multiple of both."""
+    if block_q < 1 or block_k < 1:
+        raise ValueError(f"block sizes must be >= 1, got block_q={block_q}, block_k={block_k}")
+    # Clamp the smaller block to T first, then the larger one to T rounded up to it, so short sequences neither pay for
+    # a huge block nor for the lcm of a clamped and an unclamped block.
+    if block_q >= block_k:
+        C = min(block_k, seq_len)
+        Q = min(block_q, _round_up(seq_len, C))
+    else:
+        Q = min(block_q, seq_len)
+        C = min(block_k, _round_up(seq_len, Q))
+    return Q, C, _round_up(seq_len, math.lcm(Q, C))
+
+
+def _kv_block_range(qi, Q, C, window, num_k_blocks):
+    """Inclusive KV block range [lo, hi] holding every key some query of query block qi can see (by position)."""
+    hi = jnp.minimum((qi * Q + Q - 1) // C, num_k_blocks - 1)
+    lo = 0 if window is None else jnp.maximum(qi * Q - window + 1, 0) // C
+    return lo, hi
+
+
+def _q_block_range(kj, Q, C, window, num_q_blocks):
+    """Inclusive query block range [lo, hi] holding every query that can see some key of KV block kj (by position)."""
+    lo = (kj * C) // Q
+    hi = num_q_blocks - 1 if window is None else jnp.minimum((kj * C + C - 1 + window - 1) // Q, num_q_blocks - 1)
+    return lo, hi
+
+
+def visited_block_pairs(seq_len: int, window: int | None, block_q: int, block_k: int) -> int:
+    """Number of (query block, KV block) pairs the blocked forward visits for this length, window and block sizes."""
+    Q, C, T_pad = _plan(seq_len, block_q, block_k)
+    total = 0
+    for qi in range(T_pad // Q):
+        lo, hi = _kv_block_range(qi, Q, C, window, T_pad // C)
+        total += int(hi) - int(lo) + 1
+    return total
+
+
+def _block_scores(q_BQKGH, k_BCKH, qi, kj, seg_BT, window, Q, C):
+    """Scaled float32 scores [B, K, G, Q, C] of one block pair, invisible entries set to -inf."""
+    s_BKGQC = jnp.einsum("bqkgh,bckh->bkgqc", q_BQKGH, k_BCKH, preferred_element_type=jnp.float32)
+    s_BKGQC = s_BKGQC * q_BQKGH.shape[-1] ** -0.5
+    q_pos_Q = qi * Q + jnp.arange(Q, dtype=jnp.int32)
+    k_pos_C = kj * C + jnp.arange(C, dtype=jnp.int32)
+    seg_q_BQ = seg_k_BC = None
+    if seg_BT is not None:
+        seg_q_BQ = lax.dynamic_slice_in_dim(seg_BT, qi * Q, Q, axis=1)
+        seg_k_BC = lax.dynamic_slice_in_dim(seg_BT, kj * C, C, axis=1)
+    vis_BQC = _visible(q_pos_Q, k_pos_C, window, seg_q_BQ, seg_k_BC)
+    return jnp.where(vis_BQC[:, None, None], s_BKGQC, -jnp.inf)
+
+
+def _blocked_forward(q_BTNH, k_BTKH, v_BTKH, seg_BT, window, Q, C):
+    """Online-softmax forward over padded inputs; returns o [B, T, N, H] and logsumexp stacked as [n, B, K, G, Q]."""
+    B, T, N, H = q_BTNH.shape
+    K = k_BTKH.shape[2]
+    G = N // K
+    q_BTKGH = q_BTNH.reshape(B, T, K, G, H)
+
+    def q_block(qi):
+        q_BQKGH = lax.dynamic_slice_in_dim(q_BTKGH, qi * Q, Q, axis=1)
+
+        def kv_step(kj, carry):
+            m_BKGQ, l_BKGQ, acc_BKGQH = carry
+            k_BCKH = lax.dynamic_slice_in_dim(k_BTKH, kj * C, C, axis=1)
+            v_BCKH = lax.dynamic_slice_in_dim(v_BTKH, kj * C, C, axis=1)
+            s_BKGQC = _block_scores(q_BQKGH, k_BCKH, qi, kj, seg_BT, window, Q, C)
+            m_new_BKGQ = jnp.maximum(m_BKGQ, s_BKGQC.max(axis=-1))
+            # A row with nothing visible yet has max -inf; subtracting 0 instead keeps exp(-inf - 0) = 0, not NaN.
+            m_safe_BKGQ = jnp.where(m_new_BKGQ == -jnp.inf, 0.0, m_new_BKGQ)
+            p_BKGQC = jnp.exp(s_BKGQC - m_safe_BKGQ[..., None])
+            alpha_BKGQ = jnp.exp(m_BKGQ - m_safe_BKGQ)
+            l_BKGQ = alpha_BKGQ * l_BKGQ + p_BKGQC.sum(axis=-1)
+            pv_BKGQH = jnp.einsum(
+                "bkgqc,bckh->bkgqh", p_BKGQC.astype(v_BCKH.dtype), v_BCKH, preferred_element_type=jnp.float32
+            )
+            return m_new_BKGQ, l_BKGQ, alpha_BKGQ[..., None] * acc_BKGQH + pv_BKGQH
+
+        init = (
+            jnp.full((B, K, G, Q), -jnp.inf, jnp.float32),
+            jnp.zeros((B, K, G, Q), jnp.float32),
+            jnp.zeros((B, K, G, Q, H), jnp.float32),
+        )
+        lo, hi = _kv_block_range(qi, Q, C, window, T // C)
+        m_BKGQ, l_BKGQ, acc_BKGQH = lax.fori_loop(lo, hi + 1, kv_step, init)
+        # Rows never fully masked here (each sees itself), but guard l == 0 so a bad row gives 0, not NaN.
+        l_safe_BKGQ = jnp.where(l_BKGQ == 0.0, 1.0, l_BKGQ)
+        m_safe_BKGQ = jnp.where(m_BKGQ == -jnp.inf, 0.0, m_BKGQ)
+        o_BQKGH = jnp.transpose(acc_BKGQH / l_safe_BKGQ[..., None], (0, 3, 1, 2, 4)).astype(q_BTNH.dtype)
+        return o_BQKGH, m_safe_BKGQ + jnp.log(l_safe_BKGQ)
+
+    o_nBQKGH, lse_nBKGQ = lax.map(q_block, jnp.arange(T // Q, dtype=jnp.int32))
+    return jnp.moveaxis(o_nBQKGH, 0, 1).reshape(B, T, N, H), lse_nBKGQ
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def _attention_blocked(q_BTNH, k_BTKH, v_BTKH, seg_BT, window, Q, C):
+    """Blocked attention on inputs already padded to a multiple of Q and C (T_pad % Q == T_pad % C == 0)."""
+    return _blocked_forward(q_BTNH, k_BTKH, v_BTKH, seg_BT, window, Q, C)[0]
+
+
+def _attention_blocked_fwd(q_BTNH, k_BTKH, v_BTKH, seg_BT, window, Q, C):
+    o_BTNH, lse_nBKGQ = _blocked_forward(q_BTNH, k_BTKH, v_BTKH, seg_BT, window, Q, C)
+    # O(T) residuals: inputs, output and per-row logsumexp; probabilities are recomputed per block in the backward.
+    return o_BTNH, (q_BTNH, k_BTKH, v_BTKH, seg_BT, o_BTNH, lse_nBKGQ)
+
+
+def _attention_blocked_bwd(window, Q, C, res, do_BTNH):
+    q_BTNH, k_BTKH, v_BTKH, seg_BT, o_BTNH, lse_nBKGQ = res
+    B, T, N, H = q_BTNH.shape
+    K = k_BTKH.shape[2]
+    G = N // K
+    nq, nk = T // Q, T // C
+    scale = H**-0.5
+    q_BTKGH = q_BTNH.reshape(B, T, K, G, H)
+    do_BTKGH = do_BTNH.reshape(B, T, K, G, H)
+    # D_i = rowsum(dO_i * O_i) = sum_j P_ij dP_ij, the softmax-Jacobian correction term.
+    d_BTKG = jnp.sum(do_BTKGH.astype(jnp.float32) * o_BTNH.reshape(B, T, K, G, H).astype(jnp.float32), axis=-1)
+    d_nBKGQ = jnp.transpose(d_BTKG.reshape(B, nq, Q, K, G), (1, 0, 3, 4, 2))
+
+    def probs_and_ds(qi, kj, q_BQKGH, do_BQKGH, k_BCKH, v_BCKH):
+        """Recomputed probabilities P and score gradient dS = P * (dP - D) of one block pair, both [B, K, G, Q, C]."""
+        s_BKGQC = _block_scores(q_BQKGH, k_BCKH, qi, kj, seg_BT, window, Q, C)
+        lse_BKGQ = lax.dynamic_index_in_dim(lse_nBKGQ, qi, keepdims=False)
+        d_BKGQ = lax.dynamic_index_in_dim(d_nBKGQ, qi, keepdims=False)
+        p_BKGQC = jnp.exp(s_BKGQC - lse_BKGQ[..., None])
+        dp_BKGQC = jnp.einsum("bqkgh,bckh->bkgqc", do_BQKGH, v_BCKH, preferred_element_type=jnp.float32)
+        return p_BKGQC, p_BKGQC * (dp_BKGQC - d_BKGQ[..., None])
+
+    def dq_block(qi):
+        q_BQKGH = lax.dynamic_slice_in_dim(q_BTKGH, qi * Q, Q, axis=1)
+        do_BQKGH = lax.dynamic_slice_in_dim(do_BTKGH, qi * Q, Q, axis=1)
+
+        def kv_step(kj, dq_BQKGH):
+            k_BCKH = lax.dynamic_slice_in_dim(k_BTKH, kj * C, C, axis=1)
+            v_BCKH = lax.dynamic_slice_in_dim(v_BTKH, kj * C, C, axis=1)
+            _, ds_BKGQC = probs_and_ds(qi, kj, q_BQKGH, do_BQKGH, k_BCKH, v_BCKH)
+            return dq_BQKGH + jnp.einsum(
+                "bkgqc,bckh->bqkgh", ds_BKGQC.astype(k_BCKH.dtype), k_BCKH, preferred_element_type=jnp.float32
+            )
+
+        lo, hi = _kv_block_range(qi, Q, C, window, nk)
+        dq_BQKGH = lax.fori_loop(lo, hi + 1, kv_step, jnp.zeros((B, Q, K, G, H), jnp.float32))
+        return (dq_BQKGH * scale).astype(q_BTNH.dtype)
+
+    def dkv_block(kj):
+        k_BCKH = lax.dynamic_slice_in_dim(k_BTKH, kj * C, C, axis=1)
+        v_BCKH = lax.dynamic_slice_in_dim(v_BTKH, kj * C, C, axis=1)
+
+        def q_step(qi, carry):
+            dk_BCKH, dv_BCKH = carry
+            q_BQKGH = lax.dynamic_slice_in_dim(q_BTKGH, qi * Q, Q, axis=1)
+            do_BQKGH = lax.dynamic_slice_in_dim(do_BTKGH, qi * Q, Q, axis=1)
+            p_BKGQC, ds_BKGQC = probs_and_ds(qi, kj, q_BQKGH, do_BQKGH, k_BCKH, v_BCKH)
+            # Summing over g and q folds the G query heads that share a KV head back onto it.
+            dv_BCKH = dv_BCKH + jnp.einsum(
+                "bkgqc,bqkgh->bckh", p_BKGQC.astype(do_BQKGH.dtype), do_BQKGH, preferred_element_type=jnp.float32
+            )
+            dk_BCKH = dk_BCKH + jnp.einsum(
+                "bkgqc,bqkgh->bckh", ds_BKGQC.astype(q_BQKGH.dtype), q_BQKGH, preferred_element_type=jnp.float32
+            )
+            return dk_BCKH, dv_BCKH
+
+        zeros_BCKH = jnp.zeros((B, C, K, H), jnp.float32)
+        lo, hi = _q_block_range(kj, Q, C, window, nq)
+        dk_BCKH, dv_BCKH = lax.fori_loop(lo, hi + 1, q_step, (zeros_BCKH, zeros_BCKH))
+        return (dk_BCKH * scale).astype(k_BTKH.dtype), dv_BCKH.astype(v_BTKH.dtype)
+
+    dq_nBQKGH = lax.map(dq_block, jnp.arange(nq, dtype=jnp.int32))
+    dk_nBCKH, dv_nBCKH = lax.map(dkv_block, jnp.arange(nk, dtype=jnp.int32))
+    dq_BTNH = jnp.moveaxis(dq_nBQKGH, 0, 1).reshape(B, T, N, H)
+    dk_BTKH = jnp.moveaxis(dk_nBCKH, 0, 1).reshape(B, T, K, H)
+    dv_BTKH = jnp.moveaxis(dv_nBCKH, 0, 1).reshape(B, T, K, H)
+    # Segment ids are integer labels: no cotangent.
+    return dq_BTNH, dk_BTKH, dv_BTKH, None
+
+
+_attention_blocked.defvjp(_attention_blocked_fwd, _attention_blocked_bwd)
+
+
+def attention(
+    q_BTNH,
+    k_BTKH,
+    v_BTKH,
+    *,
+    window: int | None = None,
+    segment_ids_BT=None,
+    impl: str = "xla",
+    block_q: int = 512,
+    block_k: int = 512,
+):
+    """Causal GQA self-attention [B, T, N, H] x [B, T, K, H] -> [B, T, N, H]; the single entry point for the model.
+
+    window: W keys per query (itself included) for a sliding-window local layer; None for a causal global layer.
+    segment_ids_BT: int32 [B, T] document ids for packed sequences; queries only see keys of their own document.
+    impl: "xla" (blocked FlashAttention-2 reference with O(T) memory) or "dense" (attention_dense, O(T^2)).
+    block_q, block_k: block sizes of the "xla" implementation, clamped for short sequences.
+    """
+    if impl == "dense":
+        return attention_dense(q_BTNH, k_BTKH, v_BTKH, window=window, segment_ids_BT=segment_ids_BT)
+    if impl != "xla":
+        raise ValueError(f"unknown attention impl {impl!r}; valid values are {', '.join(map(repr, IMPLS))}")
+    window = _check_inputs(q_BTNH, k_BTKH, v_BTKH, window, segment_ids_BT)
+    T = q_BTNH.shape[1]
+    Q, C, T_pad = _plan(T, block_q, block_k)
+    pad = T_pad - T
+    if pad:
+        # Padded keys sit after every real query, so causality alone hides them; padded query rows are sliced off.
+        q_BTNH, k_BTKH, v_BTKH = (jnp.pad(x, ((0, 0), (0, pad), (0, 0), (0, 0))) for x in (q_BTNH, k_BTKH, v_BTKH))
+        if segment_ids_BT is not None:
+            segment_ids_BT = jnp.pad(segment_ids_BT, ((0, 0), (0, pad)), mode="edge")
+    return _attention_blocked(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT, window, Q, C)[:, :T]

@@ -1,0 +1,220 @@
+"""transformers names <-> the canonical per-layer parameter tree, and loading a transformers checkpoint folder.
+
+The canonical tree is `{"embed", "final_norm", "lm_head", "layers": {"0": {...}, "1": {...}, ...}}` with every leaf
+in the model's per-layer layout ([in, out] kernels, heads split out: q [D, N, H], o [N, H, D]). It does not depend
+on how the model scans, so checkpoints written in it (the conversion issue) survive any change of scan grouping.
+This module is the one place that knows transformers' names; conversion in both directions and the tests use it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from collections.abc import Iterator, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from cwm_jax.config import CwmConfig
+from cwm_jax.model import CwmModel, layer_shapes, top_shapes
+
+# canonical name -> (transformers name, number of leading canonical dims that form the Linear's input; 0 = no
+# transpose). PyTorch Linear stores [out, in]; our kernels are [in, out] with heads split out.
+TOP_NAMES = {
+    "embed": ("model.embed_tokens.weight", 0),
+    "final_norm": ("model.norm.weight", 0),
+    "lm_head": ("lm_head.weight", 1),
+}
+LAYER_NAMES = {
+    "attn_norm": ("input_layernorm.weight", 0),
+    "q": ("self_attn.q_proj.weight", 1),
+    "k": ("self_attn.k_proj.weight", 1),
+    "v": ("self_attn.v_proj.weight", 1),
+    "o": ("self_attn.o_proj.weight", 2),
+    "mlp_norm": ("post_attention_layernorm.weight", 0),
+    "gate": ("mlp.gate_proj.weight", 1),
+    "up": ("mlp.up_proj.weight", 1),
+    "down": ("mlp.down_proj.weight", 1),
+}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that does not match its config; the message names the file and tensor."""
+
+
+def hf_layout(config: CwmConfig) -> dict[str, tuple[tuple[str, ...], tuple[int, ...], tuple[int, ...], int]]:
+    """Every transformers tensor name -> (canonical path, transformers shape, canonical shape, input dims)."""
+    out = {}
+
+    def add(hf_name, path, shape, n_in):
+        hf_shape = shape if n_in == 0 else (math.prod(shape[n_in:]), math.prod(shape[:n_in]))
+        out[hf_name] = (path, hf_shape, shape, n_in)
+
+    for name, shape in top_shapes(config).items():
+        add(TOP_NAMES[name][0], (name,), shape, TOP_NAMES[name][1])
+    for i in range(config.num_layers):
+        for name, shape in layer_shapes(config).items():
+            hf_suffix, n_in = LAYER_NAMES[name]
+            add(f"model.layers.{i}.{hf_suffix}", ("layers", str(i), name), shape, n_in)
+    return out
+
+
+def from_hf_tensor(array_hf: np.ndarray, canonical_shape: tuple[int, ...], n_in: int) -> np.ndarray:
+    """A transformers tensor in the canonical layout (transposed to [in, out], heads split)."""
+    if n_in == 0:
+        return array_hf.reshape(canonical_shape)
+    return array_hf.T.reshape(canonical_shape)
+
+
+def to_hf_tensor(array: np.ndarray, n_in: int) -> np.ndarray:
+    """A canonical leaf back in transformers' layout ([out, in])."""
+    if n_in == 0:
+        return array
+    n_inputs = math.prod(array.shape[:n_in])
+    return np.ascontiguousarray(array.reshape(n_inputs, -1).T)
+
+
+def stack_layers(canonical: Mapping) -> dict:
+    """Canonical tree -> the model's parameter dict (layers stacked along a leading [L] axis)."""
+    layers = canonical["layers"]
+    order = [str(i) for i in range(len(layers))]
+    if sorted(layers, key=int) != order:
+        raise CheckpointError(f"layers must be numbered 0..{len(layers) - 1}, got {sorted(layers, key=int)}")
+    names = layers["0"].keys()
+    stacked = {name: jnp.stack([jnp.asarray(layers[i][name]) for i in order]) for name in names}
+    return {**{k: v for k, v in canonical.items() if k != "layers"}, "layers": stacked}
+
+
+def unstack_layers(params: Mapping) -> dict:
+    """The model's parameter dict -> canonical tree (one leaf per layer and tensor)."""
+    stacked = params["layers"]
+    num_layers = next(iter(stacked.values())).shape[0]
+    layers = {str(i): {name: value[i] for name, value in stacked.items()} for i in range(num_layers)}
+    return {**{k: v for k, v in params.items() if k != "layers"}, "layers": layers}
+
+
+def model_params(model: CwmModel) -> dict:
+    """The model's parameters as a plain dict of arrays (layers stacked)."""
+    return {
+        "embed": model.embed[...],
+        "final_norm": model.final_norm[...],
+        "lm_head": model.lm_head[...],
+        "layers": {name: p[...] for name, p in model.layers.items()},
+    }
+
+
+def model_from_params(config: CwmConfig, params: Mapping, **model_kwargs) -> CwmModel:
+    """Build a CwmModel around existing parameters (layers stacked), cast to `config.param_dtype`."""
+    model = nnx.eval_shape(lambda: CwmModel(config, rngs=nnx.Rngs(0), **model_kwargs))
+    dtype = jnp.dtype(config.param_dtype)
+
+    def put(variable, value):
+        if tuple(value.shape) != tuple(variable.shape):
+            raise CheckpointError(f"parameter shape {tuple(value.shape)} != model's {tuple(variable.shape)}")
+        variable.set_value(jnp.asarray(value, dtype))
+
+    for name in ("embed", "final_norm", "lm_head"):
+        put(getattr(model, name), params[name])
+    for name, variable in model.layers.items():
+        put(variable, params["layers"][name])
+    return model
+
+
+def hf_state_dict(model: CwmModel) -> Iterator[tuple[str, np.ndarray]]:
+    """(transformers name, numpy array) for every tensor of `model`, one at a time, in transformers' layout."""
+    canonical = unstack_layers(model_params(model))
+    for hf_name, (path, _, _, n_in) in hf_layout(model.config).items():
+        leaf = canonical
+        for key in path:
+            leaf = leaf[key]
+        yield hf_name, to_hf_tensor(np.asarray(jax.device_get(leaf)), n_in)
+
+
+def safetensors_files(folder: str) -> dict[str, str]:
+    """tensor name -> safetensors file path, from `model.safetensors.index.json` or a single `model.safetensors`."""
+    index = os.path.join(folder, "model.safetensors.index.json")
+    if os.path.exists(index):
+        try:
+            with open(index) as f:
+                weight_map = json.load(f)["weight_map"]
+        except (json.JSONDecodeError, KeyError) as e:
+            raise CheckpointError(f"{index}: not a safetensors index ({e!r})") from None
+        return {name: os.path.join(folder, file) for name, file in weight_map.items()}
+    single = os.path.join(folder, "model.safetensors")
+    if os.path.exists(single):
+        from safetensors import safe_open
+
+        with _open_safetensors(single, safe_open) as f:
+            return {name: single for name in f.keys()}
+    raise CheckpointError(f"{folder}: no model.safetensors.index.json or model.safetensors")
+
+
+def _open_safetensors(path: str, safe_open):
+    if not os.path.exists(path):
+        raise CheckpointError(f"{path}: shard listed in the index is missing")
+    try:
+        return safe_open(path, framework="numpy")
+    except Exception as e:  # safetensors raises its own error types for bad headers
+        raise CheckpointError(f"{path}: cannot read safetensors header ({e})") from None
+
+
+def read_canonical(folder: str, config: CwmConfig) -> dict:
+    """Read every tensor of a transformers checkpoint folder into the canonical tree (numpy, checkpoint dtype).
+
+    Raises CheckpointError naming the tensor and file for a missing, unexpected or misshapen tensor.
+    """
+    from safetensors import safe_open
+
+    layout = hf_layout(config)
+    files = safetensors_files(folder)
+    missing = [name for name in layout if name not in files]
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise CheckpointError(f"{folder}: tensor {missing[0]!r}{more} missing from the checkpoint")
+    unexpected = sorted(set(files) - set(layout))
+    if unexpected:
+        raise CheckpointError(f"{files[unexpected[0]]}: unexpected tensor {unexpected[0]!r} for this config.json")
+    canonical: dict = {"layers": {str(i): {} for i in range(config.num_layers)}}
+    by_file: dict[str, list[str]] = {}
+    for name in layout:
+        by_file.setdefault(files[name], []).append(name)
+    for path, names in by_file.items():
+        with _open_safetensors(path, safe_open) as f:
+            present = set(f.keys())
+            for name in names:
+                if name not in present:
+                    raise CheckpointError(f"{path}: tensor {name!r} listed in the index is not in the file")
+                try:
+                    array = f.get_tensor(name)
+                except Exception as e:
+                    raise CheckpointError(f"{path}: cannot read tensor {name!r} ({e})") from None
+                key_path, hf_shape, shape, n_in = layout[name]
+                if tuple(array.shape) != hf_shape:
+                    raise CheckpointError(
+                        f"{path}: tensor {name!r} has shape {tuple(array.shape)}, config.json implies {hf_shape}"
+                    )
+                node = canonical
+                for key in key_path[:-1]:
+                    node = node[key]
+                node[key_path[-1]] = from_hf_tensor(array, shape, n_in)
+    return canonical
+
+
+def load_hf(path: str, dtype: str | None = None, param_dtype: str | None = None, **model_kwargs) -> CwmModel:
+    """Build a CwmModel from a transformers CWM folder (config.json + one or many safetensors files).
+
+    `param_dtype` defaults to the checkpoint's `dtype` (float32 when absent or unsupported); `dtype` (compute)
+    defaults to `param_dtype`. `model_kwargs` go to CwmModel (attention_impl, block_size, remat).
+    """
+    folder = path if os.path.isdir(path) else os.path.dirname(path)
+    config = CwmConfig.from_hf(folder)
+    with open(os.path.join(folder, "config.json")) as f:
+        raw = json.load(f)
+    stored = raw.get("dtype") or raw.get("torch_dtype") or "float32"
+    param_dtype = param_dtype or (stored if stored in ("float32", "bfloat16") else "float32")
+    config = dataclasses.replace(config, dtype=dtype or param_dtype, param_dtype=param_dtype)
+    return model_from_params(config, stack_layers(read_canonical(folder, config)), **model_kwargs)

@@ -1,0 +1,207 @@
+"""The CWM decoder in Flax NNX: RMSNorm, llama3 RoPE, GQA attention with local/global layers, SwiGLU, untied head.
+
+The model knows nothing of training, data or files. Layers are stored stacked ([L, ...]) and applied with one
+`lax.scan`; a per-layer flag picks the local or global attention with `lax.cond`, so compile time does not grow with
+depth and any layer pattern (the 32B model's last layer is global) scans as one loop.
+
+Shapes: B batch, T positions, D hidden, N query heads, K KV heads, H head dim, F MLP width, V vocab, L layers.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from cwm_jax import attention as attn_lib
+from cwm_jax import sharding
+from cwm_jax.config import CwmConfig
+
+# Logical axes of every parameter, per layer (the stacked tree adds "layers" in front).
+LAYER_AXES = {
+    "attn_norm": ("embed",),
+    "q": ("embed", "heads", "head_dim"),
+    "k": ("embed", "kv_heads", "head_dim"),
+    "v": ("embed", "kv_heads", "head_dim"),
+    "o": ("heads", "head_dim", "embed"),
+    "mlp_norm": ("embed",),
+    "gate": ("embed", "mlp"),
+    "up": ("embed", "mlp"),
+    "down": ("mlp", "embed"),
+}
+TOP_AXES = {"embed": ("vocab", "embed"), "final_norm": ("embed",), "lm_head": ("embed", "vocab")}
+
+# Rematerialisation policies for the scanned layer body (the training issue picks one per run).
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+}
+
+
+def layer_shapes(config: CwmConfig) -> dict[str, tuple[int, ...]]:
+    """Shapes of one layer's parameters (the canonical per-layer tree of `cwm_jax.hf`)."""
+    c = config
+    D, N, K, H, F = c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim, c.intermediate_size
+    return {
+        "attn_norm": (D,),
+        "q": (D, N, H),
+        "k": (D, K, H),
+        "v": (D, K, H),
+        "o": (N, H, D),
+        "mlp_norm": (D,),
+        "gate": (D, F),
+        "up": (D, F),
+        "down": (F, D),
+    }
+
+
+def top_shapes(config: CwmConfig) -> dict[str, tuple[int, ...]]:
+    c = config
+    return {
+        "embed": (c.vocab_size, c.hidden_size),
+        "final_norm": (c.hidden_size,),
+        "lm_head": (c.hidden_size, c.vocab_size),
+    }
+
+
+def rms_norm(x_BTD, weight_D, eps: float):
+    """RMSNorm with fp32 statistics; normalised activations return to the input dtype before the scale (as HF)."""
+    x32 = x_BTD.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return weight_D.astype(x_BTD.dtype) * y.astype(x_BTD.dtype)
+
+
+def rope_cos_sin(positions_BT, inv_freq_h, dtype):
+    """cos and sin [B, T, H] of the half-split layout; angles in fp32, then cast to the compute dtype."""
+    angles_BTh = positions_BT.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq_h, jnp.float32)
+    angles_BTH = jnp.concatenate([angles_BTh, angles_BTh], axis=-1)
+    return jnp.cos(angles_BTH).astype(dtype), jnp.sin(angles_BTH).astype(dtype)
+
+
+def apply_rope(x_BTNH, cos_BTH, sin_BTH):
+    """Rotate pairs (j, j + H/2): transformers' rotate_half layout."""
+    half = x_BTNH.shape[-1] // 2
+    rotated = jnp.concatenate([-x_BTNH[..., half:], x_BTNH[..., :half]], axis=-1)
+    return x_BTNH * cos_BTH[:, :, None, :] + rotated * sin_BTH[:, :, None, :]
+
+
+class CwmModel(nnx.Module):
+    """The CWM decoder. Parameters: `embed` [V, D], `layers.*` stacked [L, ...], `final_norm` [D], `lm_head` [D, V].
+
+    Each `nnx.Param` carries its logical axes in the `logical_axes` metadata (`cwm_jax.sharding` maps them to a mesh).
+    """
+
+    def __init__(
+        self,
+        config: CwmConfig,
+        *,
+        rngs: nnx.Rngs,
+        attention_impl: str = "xla",
+        block_size: int = 512,
+        remat: str = "none",
+    ):
+        if remat not in REMAT_POLICIES:
+            raise ValueError(f"remat is {remat!r}; expected one of {sorted(REMAT_POLICIES)}")
+        self.config = config
+        self.attention_impl = attention_impl
+        self.block_size = block_size
+        self.remat = remat
+        pdtype = jnp.dtype(config.param_dtype)
+        normal = jax.nn.initializers.normal(0.02)
+        L = config.num_layers
+
+        def param(shape, axes, init):
+            return nnx.Param(init(rngs.params(), shape, pdtype), logical_axes=axes)
+
+        def ones(key, shape, dtype):
+            return jnp.ones(shape, dtype)
+
+        shapes = top_shapes(config)
+        self.embed = param(shapes["embed"], TOP_AXES["embed"], normal)
+        self.final_norm = param(shapes["final_norm"], TOP_AXES["final_norm"], ones)
+        self.lm_head = param(shapes["lm_head"], TOP_AXES["lm_head"], normal)
+        self.layers = nnx.Dict(
+            {
+                name: param((L, *shape), ("layers", *LAYER_AXES[name]), ones if name.endswith("norm") else normal)
+                for name, shape in layer_shapes(config).items()
+            }
+        )
+
+    def __call__(self, tokens_BT, positions_BT=None, segment_ids_BT=None, *, return_hidden: bool = False):
+        """Token ids [B, T] -> fp32 logits [B, T, V], or the final (normed) hidden states [B, T, D] on request.
+
+        positions [B, T] default to 0..T-1 (RoPE only; masking is by index); segment_ids [B, T] restrict attention
+        to tokens of the same segment (packed documents).
+        """
+        c = self.config
+        dtype = jnp.dtype(c.dtype)
+        B, T = tokens_BT.shape
+        if positions_BT is None:
+            positions_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+        x_BTD = jnp.take(self.embed[...], tokens_BT, axis=0).astype(dtype)
+        x_BTD = sharding.constrain(x_BTD, ("act_batch", "act_length", "act_embed"))
+        cos_BTH, sin_BTH = rope_cos_sin(positions_BT, c.rope_inv_freq(), dtype)
+        is_global_L = jnp.asarray(c.is_global)
+        layer_params = {name: p[...] for name, p in self.layers.items()}
+
+        def body(x_BTD, xs):
+            params, is_global = xs
+            return self._block(params, is_global, x_BTD, cos_BTH, sin_BTH, segment_ids_BT), None
+
+        policy = REMAT_POLICIES[self.remat]
+        if self.remat != "none":
+            body = jax.checkpoint(body, policy=policy, prevent_cse=False)
+        x_BTD, _ = jax.lax.scan(body, x_BTD, (layer_params, is_global_L))
+        h_BTD = rms_norm(x_BTD, self.final_norm[...], c.rms_norm_eps)
+        if return_hidden:
+            return h_BTD
+        return self.logits(h_BTD)
+
+    def logits(self, h_BTD):
+        """fp32 logits from final hidden states (callers may pass a chunk of positions, e.g. only the last one)."""
+        w_DV = self.lm_head[...].astype(h_BTD.dtype)
+        logits_BTV = jnp.einsum("btd,dv->btv", h_BTD, w_DV, preferred_element_type=jnp.float32)
+        return sharding.constrain(logits_BTV, ("act_batch", "act_length", "act_vocab"))
+
+    def _attend(self, q_BTNH, k_BTKH, v_BTKH, is_global, segment_ids_BT):
+        c = self.config
+
+        def run(window):
+            return attn_lib.attention(
+                q_BTNH,
+                k_BTKH,
+                v_BTKH,
+                window=window,
+                segment_ids_BT=segment_ids_BT,
+                impl=self.attention_impl,
+                block_q=self.block_size,
+                block_k=self.block_size,
+            )
+
+        if all(c.is_global):
+            return run(None)
+        if not any(c.is_global):
+            return run(c.sliding_window)
+        # Both branches are compiled once, inside the single scanned layer body.
+        return jax.lax.cond(is_global, lambda: run(None), lambda: run(c.sliding_window))
+
+    def _block(self, p, is_global, x_BTD, cos_BTH, sin_BTH, segment_ids_BT):
+        c = self.config
+        dtype = x_BTD.dtype
+        h_BTD = rms_norm(x_BTD, p["attn_norm"], c.rms_norm_eps)
+        q_BTNH = jnp.einsum("btd,dnh->btnh", h_BTD, p["q"].astype(dtype))
+        k_BTKH = jnp.einsum("btd,dkh->btkh", h_BTD, p["k"].astype(dtype))
+        v_BTKH = jnp.einsum("btd,dkh->btkh", h_BTD, p["v"].astype(dtype))
+        q_BTNH = sharding.constrain(q_BTNH, ("act_batch", "act_length", "act_heads", None))
+        q_BTNH = apply_rope(q_BTNH, cos_BTH, sin_BTH)
+        k_BTKH = apply_rope(k_BTKH, cos_BTH, sin_BTH)
+        o_BTNH = self._attend(q_BTNH, k_BTKH, v_BTKH, is_global, segment_ids_BT)
+        x_BTD = x_BTD + jnp.einsum("btnh,nhd->btd", o_BTNH, p["o"].astype(dtype))
+        x_BTD = sharding.constrain(x_BTD, ("act_batch", "act_length", "act_embed"))
+        h_BTD = rms_norm(x_BTD, p["mlp_norm"], c.rms_norm_eps)
+        gate_BTF = jnp.einsum("btd,df->btf", h_BTD, p["gate"].astype(dtype))
+        up_BTF = jnp.einsum("btd,df->btf", h_BTD, p["up"].astype(dtype))
+        a_BTF = sharding.constrain(jax.nn.silu(gate_BTF) * up_BTF, ("act_batch", "act_length", "act_mlp"))
+        x_BTD = x_BTD + jnp.einsum("btf,fd->btd", a_BTF, p["down"].astype(dtype))
+        return sharding.constrain(x_BTD, ("act_batch", "act_length", "act_embed"))

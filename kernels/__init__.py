@@ -1,0 +1,1 @@
+"""Pallas attention kernels (TPU Mosaic and GPU Triton); installed as `cwm_jax.kernels`."""

@@ -1,0 +1,36 @@
+"""cwm-jax: Meta's CWM (Code World Model) in JAX / Flax NNX.
+
+The one place for dependencies. `kernels/` and `convert/` install as `cwm_jax.kernels` and `cwm_jax.convert`: a bare
+top-level `kernels` package would collide with the PyPI distribution of that name that transformers looks for.
+"""
+
+from setuptools import setup
+
+setup(
+    name="cwm-jax",
+    version="0.1.0",
+    description="CWM (Code World Model) in JAX / Flax NNX: exact decoder, conversion, inference and training on TPUs",
+    python_requires=">=3.11",
+    packages=["cwm_jax", "cwm_jax.kernels", "cwm_jax.convert"],
+    package_dir={"cwm_jax": "cwm_jax", "cwm_jax.kernels": "kernels", "cwm_jax.convert": "convert"},
+    install_requires=[
+        "jax>=0.10.2",
+        "flax>=0.12.8",
+        "optax>=0.2.8",
+        "orbax-checkpoint>=0.12",
+        "ml-collections>=1.1.0",
+        "sentencepiece>=0.2.0",
+        "safetensors>=0.6",
+        "ml-dtypes>=0.5",
+        "numpy>=2.0",
+        "tqdm>=4.66",
+    ],
+    extras_require={
+        # torch==2.13.0: the CPU build (an unpinned torch pulls a multi-GB CUDA one); transformers has CwmForCausalLM.
+        "test": ["torch==2.13.0", "transformers>=5.0", "pytest>=8", "ruff>=0.15"],
+        "data": ["grain>=0.2.12", "array-record>=0.8", "pyarrow>=18", "tensorflow-datasets>=4.9"],
+        "tpu": ["libtpu"],
+        "notebooks": ["jupyter", "nbclient", "ipykernel", "huggingface_hub"],
+    },
+    entry_points={"console_scripts": ["cwm-demo=cwm_jax.demo:main"]},
+)
