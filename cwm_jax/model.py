@@ -139,7 +139,9 @@ class CwmModel(nnx.Module):
         B, T = tokens_BT.shape
         if positions_BT is None:
             positions_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
-        x_BTD = jnp.take(self.embed[...], tokens_BT, axis=0).astype(dtype)
+        # Gather the table's embed dim first: a lookup into an fsdp-sharded table makes XLA replicate [B, T, D].
+        embed_VD = sharding.constrain(self.embed[...], ("vocab", None))
+        x_BTD = jnp.take(embed_VD, tokens_BT, axis=0).astype(dtype)
         x_BTD = sharding.constrain(x_BTD, ("act_batch", "act_length", "act_embed"))
         cos_BTH, sin_BTH = rope_cos_sin(positions_BT, c.rope_inv_freq(), dtype)
         is_global_L = jnp.asarray(c.is_global)

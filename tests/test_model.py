@@ -158,3 +158,32 @@ def test_rope_frequencies_match_transformers_llama3():
     np.testing.assert_allclose(ours, theirs.numpy(), rtol=4e-7, atol=0)
     # The scaling is exercised: low frequencies are divided by 16, high ones kept.
     assert ours[0] == 1.0 and np.isclose(ours[-1], exact[-1]) and exact[-1] < 1e6 ** (-126 / 128) / 15
+
+
+def test_remat_and_dense_impl_give_the_same_function():
+    cfg = cwm_tiny(num_layers=3, layer_types=(FULL, SLIDING, FULL), sliding_window=5)
+    ids = jnp.asarray(_tokens(cfg.vocab_size, 1, 21, seed=5))
+
+    def loss_and_grads(**kwargs):
+        model = CwmModel(cfg, rngs=nnx.Rngs(7), block_size=8, **kwargs)
+        loss, grads = nnx.jit(nnx.value_and_grad(lambda m: jnp.mean(m(ids) ** 2)))(model)
+        return float(loss), grads.layers["q"][...]
+
+    loss, g = loss_and_grads()
+    for kwargs in (dict(remat="full"), dict(remat="dots"), dict(attention_impl="dense")):
+        loss_k, g_k = loss_and_grads(**kwargs)
+        assert loss_k == pytest.approx(loss, rel=1e-6), kwargs
+        np.testing.assert_allclose(
+            np.asarray(g_k), np.asarray(g), atol=1e-6 * float(jnp.abs(g).max()), err_msg=str(kwargs)
+        )
+    with pytest.raises(ValueError, match="remat"):
+        CwmModel(cfg, rngs=nnx.Rngs(0), remat="some")
+
+
+def test_parameters_carry_logical_axes():
+    model = CwmModel(cwm_tiny(), rngs=nnx.Rngs(0))
+    state = nnx.state(model, nnx.Param)
+    axes = {"/".join(map(str, path)): v.get_metadata()["logical_axes"] for path, v in nnx.to_flat_state(state)}
+    assert axes["layers/q"] == ("layers", "embed", "heads", "head_dim")
+    assert axes["embed"] == ("vocab", "embed") and axes["lm_head"] == ("embed", "vocab")
+    assert all(len(a) == v.ndim for a, (_, v) in zip(axes.values(), nnx.to_flat_state(state), strict=True))
