@@ -29,7 +29,8 @@ setup(
         # torch==2.13.0: the CPU build (an unpinned torch pulls a multi-GB CUDA one); transformers has CwmForCausalLM.
         "test": ["torch==2.13.0", "transformers>=5.0", "pytest>=8", "ruff>=0.15"],
         "data": ["grain>=0.2.12", "array-record>=0.8", "pyarrow>=18", "tensorflow-datasets>=4.9"],
-        "tpu": ["libtpu"],
+        # jax[tpu] picks the libtpu that matches jax; with it a CPU host also compiles for TPU topologies.
+        "tpu": ["jax[tpu]>=0.10.2"],
         "notebooks": ["jupyter", "nbclient", "ipykernel", "huggingface_hub"],
     },
     entry_points={"console_scripts": ["cwm-demo=cwm_jax.demo:main"]},

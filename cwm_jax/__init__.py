@@ -1,6 +1,7 @@
 """cwm-jax: Meta's CWM (Code World Model) in JAX / Flax NNX."""
 
 from cwm_jax.config import ConfigError, CwmConfig, cwm_32b, cwm_tiny, flops_per_token, param_count
+from cwm_jax.hf import load_hf
 from cwm_jax.model import CwmModel
 
 __all__ = [
@@ -10,5 +11,6 @@ __all__ = [
     "cwm_32b",
     "cwm_tiny",
     "flops_per_token",
+    "load_hf",
     "param_count",
 ]
