@@ -33,5 +33,10 @@ setup(
         "tpu": ["jax[tpu]>=0.10.2"],
         "notebooks": ["jupyter", "nbclient", "ipykernel", "huggingface_hub"],
     },
-    entry_points={"console_scripts": ["cwm-demo=cwm_jax.demo:main"]},
+    entry_points={
+        "console_scripts": [
+            "cwm-demo=cwm_jax.demo:main",
+            "cwm-convert=cwm_jax.convert.cli:main",
+        ]
+    },
 )

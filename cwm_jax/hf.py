@@ -162,10 +162,24 @@ def _open_safetensors(path: str, safe_open):
         raise CheckpointError(f"{path}: cannot read safetensors header ({e})") from None
 
 
-def read_canonical(folder: str, config: CwmConfig) -> dict:
-    """Read every tensor of a transformers checkpoint folder into the canonical tree (numpy, checkpoint dtype).
+@dataclasses.dataclass(frozen=True)
+class HfTensor:
+    """One tensor of a transformers checkpoint, as its safetensors header describes it (nothing read yet)."""
 
-    Raises CheckpointError naming the tensor and file for a missing, unexpected or misshapen tensor.
+    name: str
+    file: str
+    path: tuple[str, ...]  # canonical path, e.g. ("layers", "3", "q")
+    shape: tuple[int, ...]  # canonical shape
+    n_in: int
+    dtype: str  # numpy dtype name of the stored tensor
+    nbytes: int
+
+
+def scan_hf_checkpoint(folder: str, config: CwmConfig, dtype: str | None = None) -> list[HfTensor]:
+    """Check a transformers checkpoint folder against `config` from the safetensors headers alone.
+
+    Every tensor must be present, expected, of the shape config.json implies and, when `dtype` is given, of that
+    dtype. Raises CheckpointError naming the file and tensor; returns the tensors in `hf_layout` order.
     """
     from safetensors import safe_open
 
@@ -178,29 +192,69 @@ def read_canonical(folder: str, config: CwmConfig) -> dict:
     unexpected = sorted(set(files) - set(layout))
     if unexpected:
         raise CheckpointError(f"{files[unexpected[0]]}: unexpected tensor {unexpected[0]!r} for this config.json")
-    canonical: dict = {"layers": {str(i): {} for i in range(config.num_layers)}}
-    by_file: dict[str, list[str]] = {}
-    for name in layout:
-        by_file.setdefault(files[name], []).append(name)
-    for path, names in by_file.items():
+    headers: dict[str, dict[str, tuple[tuple[int, ...], str]]] = {}
+    for path in sorted(set(files.values())):
         with _open_safetensors(path, safe_open) as f:
-            present = set(f.keys())
-            for name in names:
-                if name not in present:
-                    raise CheckpointError(f"{path}: tensor {name!r} listed in the index is not in the file")
+            headers[path] = {}
+            for name in f.keys():
+                piece = f.get_slice(name)
+                headers[path][name] = (tuple(piece.get_shape()), SAFETENSORS_DTYPES.get(piece.get_dtype(), "?"))
+    tensors = []
+    for name, (key_path, hf_shape, shape, n_in) in layout.items():
+        path = files[name]
+        if name not in headers[path]:
+            raise CheckpointError(f"{path}: tensor {name!r} listed in the index is not in the file")
+        stored_shape, stored_dtype = headers[path][name]
+        if stored_shape != hf_shape:
+            raise CheckpointError(f"{path}: tensor {name!r} has shape {stored_shape}, config.json implies {hf_shape}")
+        if dtype is not None and stored_dtype != dtype:
+            raise CheckpointError(f"{path}: tensor {name!r} is {stored_dtype}, config.json says {dtype}")
+        nbytes = math.prod(hf_shape) * np.dtype(numpy_dtype(stored_dtype)).itemsize
+        tensors.append(HfTensor(name, path, key_path, shape, n_in, stored_dtype, nbytes))
+    return tensors
+
+
+SAFETENSORS_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16", "F64": "float64"}
+
+
+def numpy_dtype(name: str):
+    if name == "bfloat16":
+        import ml_dtypes
+
+        return ml_dtypes.bfloat16
+    if name == "?":
+        raise CheckpointError("unsupported safetensors dtype (expected F32, BF16, F16 or F64)")
+    return np.dtype(name)
+
+
+def iter_hf_tensors(tensors: list[HfTensor]) -> Iterator[tuple[HfTensor, np.ndarray]]:
+    """Read tensors one at a time, each in the canonical layout (a transposed view of the stored array)."""
+    from safetensors import safe_open
+
+    by_file: dict[str, list[HfTensor]] = {}
+    for t in tensors:
+        by_file.setdefault(t.file, []).append(t)
+    for path, group in by_file.items():
+        with _open_safetensors(path, safe_open) as f:
+            for t in group:
                 try:
-                    array = f.get_tensor(name)
+                    array = f.get_tensor(t.name)
                 except Exception as e:
-                    raise CheckpointError(f"{path}: cannot read tensor {name!r} ({e})") from None
-                key_path, hf_shape, shape, n_in = layout[name]
-                if tuple(array.shape) != hf_shape:
-                    raise CheckpointError(
-                        f"{path}: tensor {name!r} has shape {tuple(array.shape)}, config.json implies {hf_shape}"
-                    )
-                node = canonical
-                for key in key_path[:-1]:
-                    node = node[key]
-                node[key_path[-1]] = from_hf_tensor(array, shape, n_in)
+                    raise CheckpointError(f"{path}: cannot read tensor {t.name!r} ({e})") from None
+                yield t, from_hf_tensor(array, t.shape, t.n_in)
+
+
+def read_canonical(folder: str, config: CwmConfig) -> dict:
+    """Read every tensor of a transformers checkpoint folder into the canonical tree (numpy, checkpoint dtype).
+
+    Raises CheckpointError naming the tensor and file for a missing, unexpected or misshapen tensor.
+    """
+    canonical: dict = {"layers": {str(i): {} for i in range(config.num_layers)}}
+    for t, array in iter_hf_tensors(scan_hf_checkpoint(folder, config)):
+        node = canonical
+        for key in t.path[:-1]:
+            node = node[key]
+        node[t.path[-1]] = array
     return canonical
 
 
@@ -218,3 +272,74 @@ def load_hf(path: str, dtype: str | None = None, param_dtype: str | None = None,
     param_dtype = param_dtype or (stored if stored in ("float32", "bfloat16") else "float32")
     config = dataclasses.replace(config, dtype=dtype or param_dtype, param_dtype=param_dtype)
     return model_from_params(config, stack_layers(read_canonical(folder, config)), **model_kwargs)
+
+
+NUMPY_TO_SAFETENSORS = {v: k for k, v in SAFETENSORS_DTYPES.items()}
+
+
+def plan_shards(config: CwmConfig, dtype: str, max_shard_bytes: int) -> list[list[tuple[str, tuple[int, ...]]]]:
+    """Split the transformers tensors (hf_layout order) into consecutive shards of at most `max_shard_bytes`.
+
+    A tensor larger than the limit gets a shard of its own (as transformers does).
+    """
+    itemsize = np.dtype(numpy_dtype(dtype)).itemsize
+    shards: list[list[tuple[str, tuple[int, ...]]]] = [[]]
+    size = 0
+    for name, (_, hf_shape, _, _) in hf_layout(config).items():
+        nbytes = math.prod(hf_shape) * itemsize
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append((name, hf_shape))
+        size += nbytes
+    return shards
+
+
+def write_hf_streaming(folder: str, config: CwmConfig, leaves, *, max_shard_bytes: int, on_tensor=None) -> None:
+    """Write canonical leaves (hf_layout order, all of one dtype) as sharded safetensors + index into `folder`.
+
+    Streams: each shard's header is computed from the config up front, then tensors are written one at a time, so
+    host memory holds one tensor. `folder` must exist; config.json is written by the caller.
+    `on_tensor(name, nbytes)` is called after each tensor is written.
+    """
+    dtype = config.param_dtype
+    shards = plan_shards(config, dtype, max_shard_bytes)
+    layout = hf_layout(config)
+    itemsize = np.dtype(numpy_dtype(dtype)).itemsize
+    leaves = iter(leaves)
+    weight_map = {}
+    total = 0
+    for k, shard in enumerate(shards):
+        file = f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
+        header: dict = {"__metadata__": {"format": "pt"}}
+        offset = 0
+        for name, hf_shape in shard:
+            nbytes = math.prod(hf_shape) * itemsize
+            header[name] = {
+                "dtype": NUMPY_TO_SAFETENSORS[dtype],
+                "shape": list(hf_shape),
+                "data_offsets": [offset, offset + nbytes],
+            }
+            offset += nbytes
+        blob = json.dumps(header, separators=(",", ":")).encode()
+        blob += b" " * (-len(blob) % 8)  # the data section starts 8-byte aligned
+        with open(os.path.join(folder, file), "wb") as f:
+            f.write(len(blob).to_bytes(8, "little"))
+            f.write(blob)
+            for name, hf_shape in shard:
+                path, array = next(leaves)
+                if path != layout[name][0]:
+                    raise CheckpointError(f"leaf {'/'.join(path)} arrived where {name!r} was expected")
+                array = to_hf_tensor(np.asarray(array), layout[name][3])
+                if array.dtype != numpy_dtype(dtype) or tuple(array.shape) != hf_shape:
+                    raise CheckpointError(
+                        f"tensor {name!r} is {array.dtype} {tuple(array.shape)}, expected {dtype} {hf_shape}"
+                    )
+                f.write(np.ascontiguousarray(array).reshape(-1).view(np.uint8))  # no extra bytes copy
+                weight_map[name] = file
+                total += array.nbytes
+                if on_tensor is not None:
+                    on_tensor(name, array.nbytes)
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    with open(os.path.join(folder, "model.safetensors.index.json"), "w") as f:
+        json.dump(index, f, indent=2)

@@ -1,0 +1,145 @@
+"""Conversion throughput and host memory: cwm-convert against the raw read speed of the same files, in one run.
+
+Builds a synthetic CWM-shaped transformers checkpoint (the release's vocab, head_dim and GQA ratio at half width,
+bf16, sharded like the release), reads every byte of it once (the raw read speed), then runs
+`cwm-convert hf-to-orbax` and `cwm-convert orbax-to-hf` in subprocesses and reports GB/s, the ratio to the raw read,
+and each conversion's peak RSS over the largest tensor. Targets (conversion issue): throughput at least half the raw
+read speed; peak RSS under 2x the largest tensor + 1 GB.
+
+    python benchmarks/convert.py [--size-gb 4] [--workdir DIR] [--json PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+
+def synthetic_config(size_gb: float):
+    """A CWM-shaped config (vocab 128256, head_dim 128, 6:1 GQA, release layer pattern) of about `size_gb` in bf16."""
+    from cwm_jax.config import cwm_32b, param_count, release_layer_types
+
+    base = dict(hidden_size=3072, num_heads=24, num_kv_heads=4, intermediate_size=10752)
+    one = cwm_32b(num_layers=1, layer_types=release_layer_types(1), **base)
+    two = cwm_32b(num_layers=2, layer_types=release_layer_types(2), **base)
+    per_layer = param_count(two) - param_count(one)
+    fixed = param_count(one) - per_layer
+    layers = max(1, round((size_gb * 1e9 / 2 - fixed) / per_layer))
+    return cwm_32b(num_layers=layers, layer_types=release_layer_types(layers), **base)
+
+
+def write_synthetic(folder: str, config, shard_bytes: int) -> int:
+    """Random bf16 weights as sharded safetensors + index + config.json; returns the largest tensor's bytes."""
+    import ml_dtypes
+
+    from cwm_jax import hf
+
+    rng = np.random.default_rng(0)
+    largest = 0
+
+    def leaves():
+        nonlocal largest
+        for path, _, shape, _ in hf.hf_layout(config).values():
+            array = (rng.standard_normal(shape, dtype=np.float32) * 0.02).astype(ml_dtypes.bfloat16)
+            largest = max(largest, array.nbytes)
+            yield path, array
+
+    hf.write_hf_streaming(folder, config, leaves(), max_shard_bytes=shard_bytes)
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump(config.to_hf(), f)
+    return largest
+
+
+def raw_read(folder: str) -> tuple[int, float]:
+    """Read every byte of the folder's safetensors files once; returns (bytes, seconds)."""
+    buffer = bytearray(64 << 20)
+    total = 0
+    start = time.perf_counter()
+    for name in sorted(os.listdir(folder)):
+        if name.endswith(".safetensors"):
+            with open(os.path.join(folder, name), "rb", buffering=0) as f:
+                while n := f.readinto(buffer):
+                    total += n
+    return total, time.perf_counter() - start
+
+
+def run_convert(args: list[str]) -> tuple[float, int]:
+    """Run `python -m cwm_jax.convert ARGS` in a subprocess; returns (seconds, its peak RSS in bytes)."""
+    start = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, "-m", "cwm_jax.convert", *args, "--quiet"])
+    _, status, usage = os.wait4(proc.pid, 0)
+    seconds = time.perf_counter() - start
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit(f"cwm-convert {' '.join(args)} failed")
+    return seconds, usage.ru_maxrss * 1024
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size-gb", type=float, default=4.0, help="synthetic checkpoint size in GB (bf16)")
+    parser.add_argument("--shard-gb", type=float, default=1.0, help="safetensors shard size of the source")
+    parser.add_argument("--workdir", help="where to build (default: a temporary folder, removed at the end)")
+    parser.add_argument("--json", help="also write the numbers here")
+    args = parser.parse_args(argv)
+
+    work = args.workdir or tempfile.mkdtemp(prefix="cwm-bench-convert-")
+    os.makedirs(work, exist_ok=True)
+    src, orbax_dst, hf_dst = (os.path.join(work, n) for n in ("hf", "orbax", "hf-back"))
+    try:
+        config = synthetic_config(args.size_gb)
+        shutil.rmtree(src, ignore_errors=True)
+        os.makedirs(src)
+        print(f"building a {config.num_layers}-layer CWM-shaped checkpoint of ~{args.size_gb:g} GB in {src} ...")
+        largest = write_synthetic(src, config, int(args.shard_gb * 1e9))
+        files = sum(name.endswith(".safetensors") for name in os.listdir(src))
+        nbytes, read_s = raw_read(src)
+        to_orbax_s, to_orbax_rss = run_convert(["hf-to-orbax", src, orbax_dst, "--overwrite"])
+        to_hf_s, to_hf_rss = run_convert(["orbax-to-hf", orbax_dst, hf_dst, "--overwrite"])
+    finally:
+        if not args.workdir:
+            shutil.rmtree(work, ignore_errors=True)
+
+    raw_gbs = nbytes / read_s / 1e9
+    budget = 2 * largest + 1e9
+    rows = [
+        ("hf-to-orbax", to_orbax_s, to_orbax_rss),
+        ("orbax-to-hf", to_hf_s, to_hf_rss),
+    ]
+    results = {
+        "bytes": nbytes,
+        "largest_tensor_bytes": largest,
+        "raw_read_gb_s": raw_gbs,
+        "layers": config.num_layers,
+        "machine": f"{os.cpu_count()} CPUs, {platform.machine()}, Python {platform.python_version()}",
+        "runs": {},
+    }
+    print(
+        f"\n{nbytes / 1e9:.2f} GB in {files} files; largest tensor {largest / 1e9:.2f} GB; "
+        f"raw read {raw_gbs:.2f} GB/s (page cache hot)"
+    )
+    print(f"{'command':<12} {'GB/s / raw':>10} {'RSS / largest':>13} {'GB/s':>6} {'s':>7} {'peak RSS GB':>11}  targets")
+    for name, seconds, rss in rows:
+        gbs = nbytes / seconds / 1e9
+        ok = gbs >= raw_gbs / 2 and rss <= budget
+        print(
+            f"{name:<12} {gbs / raw_gbs:>10.2f} {rss / largest:>13.2f} {gbs:>6.2f} {seconds:>7.1f} {rss / 1e9:>11.2f}"
+            f"  {'met' if ok else 'MISSED'}"
+        )
+        results["runs"][name] = {"seconds": seconds, "gb_s": gbs, "peak_rss_bytes": rss, "targets_met": ok}
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

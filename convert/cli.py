@@ -1,0 +1,201 @@
+"""`cwm-convert`: streaming conversion between transformers safetensors, native PyTorch DCP and Orbax.
+
+    cwm-convert hf-to-orbax SRC DST [--dtype bfloat16|float32] [--overwrite]
+    cwm-convert orbax-to-hf SRC DST [--max-shard-size 5GB] [--overwrite]
+    cwm-convert dcp-to-orbax SRC DST [--dtype bfloat16|float32] [--overwrite]
+
+Each reads one tensor at a time, so host memory stays a small multiple of the largest tensor; the output appears only
+when complete. Known errors print one line on stderr and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import re
+import resource
+import shutil
+import sys
+import time
+from collections.abc import Iterable, Iterator
+
+import numpy as np
+
+# Files a converted checkpoint carries along from its source (tokenizer, sampling defaults, native params).
+CARRIED_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "tokenizer.model",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    "generation_config.json",
+    "params.json",
+)
+DTYPES = ("bfloat16", "float32")
+
+
+class ConvertError(Exception):
+    """A known failure: printed as one line, exit status 2."""
+
+
+def parse_size(text: str) -> int:
+    """'5GB' -> 5 * 10**9, '500MiB' -> 500 * 2**20, '1234' -> 1234 bytes (transformers' convention)."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*", text, flags=re.IGNORECASE)
+    if not m:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 5GB, 500MB, 2GiB)")
+    unit = (m.group(2) or "B").upper()
+    powers = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
+    powers.update({"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40})
+    return int(float(m.group(1)) * powers[unit])
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident memory of this process (Linux reports ru_maxrss in KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+class Progress:
+    """A bytes-per-second progress bar (tqdm, on stderr) and the closing summary line."""
+
+    def __init__(self, total_bytes: int, description: str, quiet: bool = False):
+        from tqdm.auto import tqdm
+
+        self.bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc=description, disable=quiet, file=sys.stderr)
+        self.tensors = 0
+        self.bytes = 0
+        self.start = time.perf_counter()
+
+    def update(self, nbytes: int) -> None:
+        self.tensors += 1
+        self.bytes += nbytes
+        self.bar.update(nbytes)
+
+    def summary(self, dst: str) -> str:
+        self.bar.close()
+        seconds = time.perf_counter() - self.start
+        rate = self.bytes / max(seconds, 1e-9) / 1e6
+        return (
+            f"wrote {dst}: {self.tensors} tensors, {self.bytes / 1e9:.3f} GB in {seconds:.1f} s "
+            f"({rate:.0f} MB/s), peak RSS {peak_rss_bytes() / 1e9:.2f} GB"
+        )
+
+
+def _carried(src: str) -> list[str]:
+    return [os.path.join(src, f) for f in CARRIED_FILES if os.path.isfile(os.path.join(src, f))]
+
+
+def _cast(tensors: Iterator, dtype: str, progress: Progress) -> Iterable[tuple[tuple[str, ...], np.ndarray]]:
+    """(canonical path, array in `dtype`) per source tensor, counting source bytes read."""
+    from cwm_jax.hf import numpy_dtype
+
+    target = numpy_dtype(dtype)
+    for t, array in tensors:
+        out = np.ascontiguousarray(array.astype(target, copy=False))
+        del array
+        progress.update(t.nbytes)
+        yield t.path, out
+
+
+def hf_to_orbax(src: str, dst: str, dtype: str | None = None, overwrite: bool = False, quiet: bool = False) -> str:
+    """Convert a transformers CWM folder to an Orbax checkpoint; returns the summary line."""
+    from cwm_jax import checkpoint, hf
+    from cwm_jax.config import CwmConfig
+
+    config = CwmConfig.from_hf(src)
+    with open(os.path.join(src, "config.json")) as f:
+        raw = json.load(f)
+    stored = raw.get("dtype") or raw.get("torch_dtype")
+    tensors = hf.scan_hf_checkpoint(src, config, dtype=stored if stored in hf.SAFETENSORS_DTYPES.values() else None)
+    target = dtype or (stored if stored in DTYPES else "bfloat16")
+    config = dataclasses.replace(config, dtype=target, param_dtype=target)
+    progress = Progress(sum(t.nbytes for t in tensors), "hf-to-orbax", quiet)
+    leaves = _cast(hf.iter_hf_tensors(tensors), target, progress)
+    checkpoint.save_streaming(dst, config, leaves, files=_carried(src), overwrite=overwrite)
+    return progress.summary(dst)
+
+
+def dcp_to_orbax(src: str, dst: str, dtype: str | None = None, overwrite: bool = False, quiet: bool = False) -> str:
+    """Convert the native release format (params.json + *.distcp) to an Orbax checkpoint; returns the summary."""
+    from cwm_jax import checkpoint
+    from cwm_jax.convert import dcp
+
+    config = dcp.read_params_json(src)
+    tensors = dcp.scan_dcp(src, config)
+    target = dtype or config.param_dtype
+    config = dataclasses.replace(config, dtype=target, param_dtype=target)
+    progress = Progress(sum(t.nbytes for t in tensors), "dcp-to-orbax", quiet)
+    leaves = _cast(dcp.iter_dcp_tensors(src, tensors), target, progress)
+    checkpoint.save_streaming(dst, config, leaves, files=_carried(src), overwrite=overwrite)
+    return progress.summary(dst)
+
+
+def orbax_to_hf(
+    src: str, dst: str, max_shard_size: int = 5 * 10**9, overwrite: bool = False, quiet: bool = False
+) -> str:
+    """Convert an Orbax checkpoint to sharded safetensors that `CwmForCausalLM.from_pretrained` loads."""
+    from cwm_jax import checkpoint, hf
+
+    config = checkpoint.read_config(src)
+    total = sum(int(np.prod(shape)) for _, shape, _, _ in hf.hf_layout(config).values())
+    progress = Progress(total * np.dtype(hf.numpy_dtype(config.param_dtype)).itemsize, "orbax-to-hf", quiet)
+
+    def write(folder: str) -> None:
+        hf.write_hf_streaming(
+            folder,
+            config,
+            checkpoint.iter_leaves(src),
+            max_shard_bytes=max_shard_size,
+            on_tensor=lambda name, nbytes: progress.update(nbytes),
+        )
+        with open(os.path.join(folder, "config.json"), "w") as f:
+            json.dump(config.to_hf(), f, indent=2)
+        for path in _carried(src):
+            shutil.copy2(path, folder)
+
+    checkpoint.write_atomically(dst, write, overwrite=overwrite)
+    return progress.summary(dst)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cwm-convert", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, help_text in (
+        ("hf-to-orbax", "transformers folder (config.json + safetensors) -> Orbax checkpoint"),
+        ("dcp-to-orbax", "native release folder (params.json + *.distcp) -> Orbax checkpoint"),
+        ("orbax-to-hf", "Orbax checkpoint -> transformers folder (sharded safetensors + index + config.json)"),
+    ):
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.add_argument("src")
+        p.add_argument("dst")
+        p.add_argument("--overwrite", action="store_true", help="replace DST (only once the new output is complete)")
+        p.add_argument("--quiet", action="store_true", help="no progress bar")
+        if name.endswith("to-orbax"):
+            p.add_argument("--dtype", choices=DTYPES, help="stored dtype (default: the source's, bfloat16 if unknown)")
+        else:
+            p.add_argument("--max-shard-size", type=parse_size, default="5GB", help="largest safetensors file")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from cwm_jax.config import ConfigError
+    from cwm_jax.hf import CheckpointError
+
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "hf-to-orbax":
+            line = hf_to_orbax(args.src, args.dst, args.dtype, args.overwrite, args.quiet)
+        elif args.command == "dcp-to-orbax":
+            line = dcp_to_orbax(args.src, args.dst, args.dtype, args.overwrite, args.quiet)
+        else:
+            line = orbax_to_hf(args.src, args.dst, args.max_shard_size, args.overwrite, args.quiet)
+    except (ConfigError, CheckpointError, ConvertError, FileExistsError, FileNotFoundError, NotADirectoryError) as e:
+        print(f"cwm-convert {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    print(line)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
