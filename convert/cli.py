@@ -184,6 +184,9 @@ def main(argv: list[str] | None = None) -> int:
 
     args = build_parser().parse_args(argv)
     try:
+        # Checked before any reading; the writers check again when they commit.
+        if os.path.exists(args.dst) and not args.overwrite:
+            raise ConvertError(f"{args.dst} already exists; pass --overwrite to replace it")
         if args.command == "hf-to-orbax":
             line = hf_to_orbax(args.src, args.dst, args.dtype, args.overwrite, args.quiet)
         elif args.command == "dcp-to-orbax":

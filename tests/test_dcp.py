@@ -295,3 +295,17 @@ def test_missing_metadata_is_named(tmp_path):
     config = dcp.read_params_json(tmp_path)
     with pytest.raises(hf.CheckpointError, match=r"\.metadata: not found"):
         dcp.scan_dcp(tmp_path, config)
+
+
+def test_dcp_to_orbax_cli_equals_the_hf_route(tiny, tmp_path, capsys):
+    from cwm_jax import checkpoint
+    from cwm_jax.convert import cli
+
+    hf_folder, _, native = tiny
+    assert cli.main(["dcp-to-orbax", native, str(tmp_path / "from_dcp"), "--quiet"]) == 0
+    assert cli.main(["hf-to-orbax", hf_folder, str(tmp_path / "from_hf"), "--quiet"]) == 0
+    assert "tensors" in capsys.readouterr().out
+    assert (tmp_path / "from_dcp" / "params.json").exists()  # carried along with the tokenizer files
+    from_hf = dict(checkpoint.iter_leaves(str(tmp_path / "from_hf")))
+    for path, array in checkpoint.iter_leaves(str(tmp_path / "from_dcp")):
+        np.testing.assert_array_equal(array, from_hf[path], err_msg=str(path))
