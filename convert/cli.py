@@ -52,7 +52,17 @@ def parse_size(text: str) -> int:
 
 
 def peak_rss_bytes() -> int:
-    """Peak resident memory of this process (Linux reports ru_maxrss in KiB)."""
+    """Peak resident memory of this process since it started its program.
+
+    VmHWM, where Linux has it: ru_maxrss also counts what a parent held when it forked this process.
+    """
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
