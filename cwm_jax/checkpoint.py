@@ -14,6 +14,7 @@ metadata of every earlier call, so 64 layers x 9 leaves of 1 MB took 490 s plus 
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import functools
 import json
@@ -149,6 +150,7 @@ def _write_params(path: epath.Path, config: CwmConfig, leaves, on_leaf, batch_by
             ocp.partial.save(path, _nest(batch))
         done = [(p, a.nbytes) for p, a in batch]
         batch, size = [], 0  # drop the arrays before the callbacks
+        _trim_heap()
         for p, nbytes in done:
             if on_leaf is not None:
                 on_leaf(p, nbytes)
@@ -178,6 +180,25 @@ def _write_params(path: epath.Path, config: CwmConfig, leaves, on_leaf, batch_by
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
         raise CheckpointError(f"{path}: leaf {missing[0]}{more} never given")
     ocp.partial.finalize(path)
+
+
+@functools.cache
+def _libc():
+    try:
+        return ctypes.CDLL("libc.so.6")
+    except OSError:
+        return None
+
+
+def _trim_heap() -> None:
+    """Return freed heap pages to the OS after a save (glibc).
+
+    Orbax's writer threads free their per-chunk buffers into glibc arenas that keep them: without this, a 4 GB
+    conversion peaked 0.5 GB higher (2.92 vs 2.42 GB for a 0.79 GB largest tensor).
+    """
+    libc = _libc()
+    if libc is not None and hasattr(libc, "malloc_trim"):
+        libc.malloc_trim(0)
 
 
 def _nest(pairs) -> dict:
@@ -282,6 +303,8 @@ def iter_leaves(ckpt_dir, *, batch_bytes: int = BATCH_BYTES) -> Iterator[tuple[P
             for k in key[:-1]:
                 node = node[k]
             yield key, node.pop(key[-1])
+        del tree
+        _trim_heap()
 
 
 def load(ckpt_dir, mesh=None, dtype=None, **model_kwargs) -> CwmModel:
