@@ -11,6 +11,16 @@ __all__ = [
     "cwm_32b",
     "cwm_tiny",
     "flops_per_token",
+    "load",
     "load_hf",
     "param_count",
 ]
+
+
+def __getattr__(name):
+    # `cwm_jax.load` (restore a converted checkpoint) imports Orbax only when first used.
+    if name == "load":
+        from cwm_jax.checkpoint import load
+
+        return load
+    raise AttributeError(f"module 'cwm_jax' has no attribute {name!r}")

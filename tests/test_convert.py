@@ -180,6 +180,9 @@ def test_existing_destination_needs_overwrite(hf_folder, tmp_path, capsys):
 
 
 def test_module_entry_point_and_sizes():
+    import cwm_jax
+
+    assert cwm_jax.load is checkpoint.load
     assert cli.parse_size("5GB") == 5 * 10**9 and cli.parse_size("2GiB") == 2 * 2**30
     assert cli.parse_size("300") == 300 and cli.parse_size("1.5MB") == 1_500_000
     with pytest.raises(SystemExit):
