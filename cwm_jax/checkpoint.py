@@ -8,8 +8,9 @@ A converted checkpoint DST is a folder:
 
 Writing uses Orbax partial saves, a batch of leaves (about `batch_bytes`) per call, so host memory stays a small
 multiple of the largest tensor. One partial save per leaf is not an option: each call re-reads and re-merges the
-metadata of every earlier call, so 64 layers x 9 leaves of 1 MB took 490 s plus 100 s to finalize, against 2.3 s in
-16 calls. Reading is plain Orbax (`ocp.load`, with partial loads for `iter_leaves`).
+metadata of every earlier call (with OCDBT, 64 layers x 9 leaves of 1 MB took 490 s plus 100 s to finalize, against
+2.3 s in 16 calls). Leaves are stored as one zarr array each, not in OCDBT files (see `_write_params`). Reading is
+plain Orbax (`ocp.load`, with partial loads for `iter_leaves`).
 """
 
 from __future__ import annotations
@@ -141,6 +142,9 @@ def _write_params(path: epath.Path, config: CwmConfig, leaves, on_leaf, batch_by
     size = 0
     ctx = ocp.Context()
     ctx.array.saving.storage_options = ocp.options.ArrayOptions.Saving.StorageOptions(chunk_byte_size=CHUNK_BYTES)
+    # One zarr array per leaf instead of OCDBT's shared data files: a checkpoint has only ~580 leaves, and on a 4 GB
+    # conversion this saved 1.7x faster (8.8 vs 15.2 s in Orbax) with 0.5 GB less peak RSS, at the same disk size.
+    ctx.array.saving.use_ocdbt = False
 
     def flush():
         nonlocal batch, size
