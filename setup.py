@@ -20,6 +20,8 @@ setup(
         "orbax-checkpoint>=0.12",
         "ml-collections>=1.1.0",
         "sentencepiece>=0.2.0",
+        "tiktoken>=0.7",
+        "tokenizers>=0.20",
         "safetensors>=0.6",
         "ml-dtypes>=0.5",
         "numpy>=2.0",
