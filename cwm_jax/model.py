@@ -139,10 +139,7 @@ class CwmModel(nnx.Module):
         B, T = tokens_BT.shape
         if positions_BT is None:
             positions_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
-        # Gather the table's embed dim first: a lookup into an fsdp-sharded table makes XLA replicate [B, T, D].
-        embed_VD = sharding.constrain(self.embed[...], ("vocab", None))
-        x_BTD = jnp.take(embed_VD, tokens_BT, axis=0).astype(dtype)
-        x_BTD = sharding.constrain(x_BTD, ("act_batch", "act_length", "act_embed"))
+        x_BTD = self.embed_tokens(tokens_BT)
         cos_BTH, sin_BTH = rope_cos_sin(positions_BT, c.rope_inv_freq(), dtype)
         is_global_L = jnp.asarray(c.is_global)
         layer_params = {name: p[...] for name, p in self.layers.items()}
@@ -159,6 +156,13 @@ class CwmModel(nnx.Module):
         if return_hidden:
             return h_BTD
         return self.logits(h_BTD)
+
+    def embed_tokens(self, tokens_BT):
+        """Token ids [B, T] -> input activations [B, T, D] in the compute dtype."""
+        # Gather the table's embed dim first: a lookup into an fsdp-sharded table makes XLA replicate [B, T, D].
+        embed_VD = sharding.constrain(self.embed[...], ("vocab", None))
+        x_BTD = jnp.take(embed_VD, tokens_BT, axis=0).astype(jnp.dtype(self.config.dtype))
+        return sharding.constrain(x_BTD, ("act_batch", "act_length", "act_embed"))
 
     def logits(self, h_BTD):
         """fp32 logits from final hidden states (callers may pass a chunk of positions, e.g. only the last one)."""
@@ -189,6 +193,12 @@ class CwmModel(nnx.Module):
         return jax.lax.cond(is_global, lambda: run(None), lambda: run(c.sliding_window))
 
     def _block(self, p, is_global, x_BTD, cos_BTH, sin_BTH, segment_ids_BT):
+        q_BTNH, k_BTKH, v_BTKH = self.block_qkv(p, x_BTD, cos_BTH, sin_BTH)
+        o_BTNH = self._attend(q_BTNH, k_BTKH, v_BTKH, is_global, segment_ids_BT)
+        return self.block_out(p, x_BTD, o_BTNH)
+
+    def block_qkv(self, p, x_BTD, cos_BTH, sin_BTH):
+        """First half of a layer: one layer's params `p` and input -> RoPE'd q [B, T, N, H], k and v [B, T, K, H]."""
         c = self.config
         dtype = x_BTD.dtype
         h_BTD = rms_norm(x_BTD, p["attn_norm"], c.rms_norm_eps)
@@ -198,7 +208,12 @@ class CwmModel(nnx.Module):
         q_BTNH = sharding.constrain(q_BTNH, ("act_batch", "act_length", "act_heads", None))
         q_BTNH = apply_rope(q_BTNH, cos_BTH, sin_BTH)
         k_BTKH = apply_rope(k_BTKH, cos_BTH, sin_BTH)
-        o_BTNH = self._attend(q_BTNH, k_BTKH, v_BTKH, is_global, segment_ids_BT)
+        return q_BTNH, k_BTKH, v_BTKH
+
+    def block_out(self, p, x_BTD, o_BTNH):
+        """Second half of a layer: attention output [B, T, N, H] -> residual, MLP -> the layer's output [B, T, D]."""
+        c = self.config
+        dtype = x_BTD.dtype
         x_BTD = x_BTD + jnp.einsum("btnh,nhd->btd", o_BTNH, p["o"].astype(dtype))
         x_BTD = sharding.constrain(x_BTD, ("act_batch", "act_length", "act_embed"))
         h_BTD = rms_norm(x_BTD, p["mlp_norm"], c.rms_norm_eps)

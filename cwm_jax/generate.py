@@ -1,0 +1,302 @@
+"""KV caches (ring buffers for local layers), the cached forward, prefill, an on-device decode loop, and sampling.
+
+Cache layout: global layers keep K/V of the whole context, [Lg, B, S, K, H] with slot = position; local layers keep a
+ring of R = min(W, S) slots, [Ll, B, R, K, H] with slot = position % R, plus the position held in each ring slot,
+[B, R] (-1 = empty), shared by all local layers since every layer writes the same positions. Position < 0 in the
+input marks a padding token: it attends to nothing, is seen by nothing and is never written to the cache, so
+right-padded prompts of different lengths run in one batch without touching each other.
+
+Shapes: B batch, T new positions, S cache length (max context), R ring slots, D hidden, N query heads, K KV heads,
+G = N // K, H head dim, V vocab, L layers (Lg global, Ll local), W window.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from cwm_jax.config import CwmConfig
+from cwm_jax.model import CwmModel, rms_norm, rope_cos_sin
+
+
+class KVCache(NamedTuple):
+    """K/V of the global layers [Lg, B, S, K, H], ring buffers of the local layers [Ll, B, R, K, H], ring positions."""
+
+    k_global: jax.Array
+    v_global: jax.Array
+    k_local: jax.Array
+    v_local: jax.Array
+    local_pos: jax.Array  # [B, R] int32, the position held in each ring slot, -1 = empty
+
+
+def ring_slots(config: CwmConfig, max_len: int) -> int:
+    """Ring slots a local layer needs for a context of `max_len`: the window, or fewer when the context is shorter."""
+    return min(config.sliding_window, max_len) if config.sliding_window else 0
+
+
+def kv_cache_bytes(config: CwmConfig, context: int, batch: int = 1, ring: bool = True) -> int:
+    """Bytes of the KV cache of `batch` sequences of `context` tokens in the compute dtype.
+
+    ring=True: local layers keep a ring of min(W, context) slots (plus the int32 slot positions); ring=False: every
+    layer keeps all `context` positions, as a cache without ring buffers would.
+    """
+    per_pos = 2 * config.num_kv_heads * config.head_dim * jnp.dtype(config.dtype).itemsize  # K and V
+    num_global = len(config.global_layers)
+    num_local = config.num_layers - num_global
+    if not ring:
+        return batch * config.num_layers * context * per_pos
+    slots = ring_slots(config, context) if num_local else 0
+    return batch * (num_global * context * per_pos + num_local * slots * per_pos + slots * 4)
+
+
+def init_cache(config: CwmConfig, batch: int, max_len: int, dtype=None) -> KVCache:
+    """An empty cache for `batch` sequences of up to `max_len` positions; `dtype` defaults to the compute dtype."""
+    dtype = jnp.dtype(dtype or config.dtype)
+    K, H = config.num_kv_heads, config.head_dim
+    num_global = len(config.global_layers)
+    num_local = config.num_layers - num_global
+    R = ring_slots(config, max_len) if num_local else 0
+    return KVCache(
+        k_global=jnp.zeros((num_global, batch, max_len, K, H), dtype),
+        v_global=jnp.zeros((num_global, batch, max_len, K, H), dtype),
+        k_local=jnp.zeros((num_local, batch, R, K, H), dtype),
+        v_local=jnp.zeros((num_local, batch, R, K, H), dtype),
+        local_pos=jnp.full((batch, R), -1, jnp.int32),
+    )
+
+
+def _masked_attention(q_BTNH, k_BSKH, v_BSKH, vis_BTS):
+    """Dense GQA attention with an explicit visibility mask; a row that sees nothing (padding) gives zeros."""
+    B, T, N, H = q_BTNH.shape
+    K = k_BSKH.shape[2]
+    q_BTKGH = q_BTNH.reshape(B, T, K, N // K, H)
+    s_BKGTS = jnp.einsum("btkgh,bskh->bkgts", q_BTKGH, k_BSKH, preferred_element_type=jnp.float32) * H**-0.5
+    s_BKGTS = jnp.where(vis_BTS[:, None, None], s_BKGTS, -jnp.inf)
+    m_BKGT = jnp.max(s_BKGTS, axis=-1, keepdims=True)
+    # Empty rows: subtract 0 instead of -inf so exp gives 0, not NaN; then divide by 1 instead of 0.
+    p_BKGTS = jnp.exp(s_BKGTS - jnp.where(m_BKGT == -jnp.inf, 0.0, m_BKGT))
+    l_BKGT = jnp.sum(p_BKGTS, axis=-1, keepdims=True)
+    p_BKGTS = p_BKGTS / jnp.where(l_BKGT == 0.0, 1.0, l_BKGT)
+    o_BTKGH = jnp.einsum("bkgts,bskh->btkgh", p_BKGTS.astype(v_BSKH.dtype), v_BSKH, preferred_element_type=jnp.float32)
+    return o_BTKGH.reshape(B, T, N, H).astype(q_BTNH.dtype)
+
+
+def _ring_write_slots(positions_BT, R):
+    """Ring slot of each new token, or R (dropped by the scatter) for padding and for tokens that a later token of
+    the same chunk overwrites (only the chunk's last R positions survive, so the scatter never has duplicates)."""
+    last_B = jnp.max(positions_BT, axis=1, keepdims=True)
+    keep_BT = (positions_BT >= 0) & (positions_BT > last_B - R)
+    return jnp.where(keep_BT, positions_BT % R, R)
+
+
+def forward_cached(model: CwmModel, tokens_BT, positions_BT, cache: KVCache, *, return_hidden: bool = False):
+    """Run T new tokens per sequence through the model at `positions_BT` against `cache`.
+
+    tokens_BT, positions_BT: int32 [B, T]; positions of a sequence increase by one along T and continue what the cache
+    holds; position < 0 marks padding. Returns (fp32 logits [B, T, V], or final hidden states [B, T, D] with
+    return_hidden, and the new cache). A chunk may be longer than the window: local layers attend over the ring plus
+    the chunk's own keys, then keep the chunk's last R positions.
+    """
+    c = model.config
+    dtype = jnp.dtype(c.dtype)
+    B, T = tokens_BT.shape
+    S = cache.k_global.shape[2]
+    R = cache.local_pos.shape[1]
+    W = c.sliding_window
+    positions_BT = positions_BT.astype(jnp.int32)
+    valid_BT = positions_BT >= 0
+    x_BTD = model.embed_tokens(tokens_BT)
+    cos_BTH, sin_BTH = rope_cos_sin(jnp.maximum(positions_BT, 0), c.rope_inv_freq(), dtype)
+    is_global = np.asarray(c.is_global)
+    # Each layer's slot in its own stack (global or local); the other index is unused by that layer.
+    global_idx_L = jnp.asarray(np.cumsum(is_global) - 1, jnp.int32)
+    local_idx_L = jnp.asarray(np.cumsum(~is_global) - 1, jnp.int32)
+    layer_params = {name: p[...] for name, p in model.layers.items()}
+    b_B1 = jnp.arange(B, dtype=jnp.int32)[:, None]
+    q_pos_BT1 = jnp.where(valid_BT, positions_BT, -1)[:, :, None]
+
+    # Global: write first (slot = position), then attend over the whole cache by position.
+    global_slot_BT = jnp.where(valid_BT, positions_BT, S)
+    global_vis_BTS = (jnp.arange(S, dtype=jnp.int32)[None, None, :] <= q_pos_BT1) & valid_BT[:, :, None]
+    # Local: keys are [ring as it was before this chunk, the chunk itself], masked by position q - W < k <= q.
+    if R:
+        ring_slot_BT = _ring_write_slots(positions_BT, R)
+        k_pos_BS = jnp.concatenate([cache.local_pos, jnp.where(valid_BT, positions_BT, -1)], axis=1)[:, None, :]
+        local_vis_BTS = (k_pos_BS >= 0) & (k_pos_BS <= q_pos_BT1) & (k_pos_BS > q_pos_BT1 - W) & valid_BT[:, :, None]
+
+    def global_attend(q_BTNH, k_BTKH, v_BTKH, caches, gi, li):
+        k_g, v_g, k_l, v_l = caches
+        k_g = k_g.at[gi, b_B1, global_slot_BT].set(k_BTKH.astype(k_g.dtype), mode="drop")
+        v_g = v_g.at[gi, b_B1, global_slot_BT].set(v_BTKH.astype(v_g.dtype), mode="drop")
+        k_BSKH, v_BSKH = k_g[gi].astype(dtype), v_g[gi].astype(dtype)
+        return _masked_attention(q_BTNH, k_BSKH, v_BSKH, global_vis_BTS), (k_g, v_g, k_l, v_l)
+
+    def local_attend(q_BTNH, k_BTKH, v_BTKH, caches, gi, li):
+        k_g, v_g, k_l, v_l = caches
+        k_BSKH = jnp.concatenate([k_l[li].astype(dtype), k_BTKH], axis=1)
+        v_BSKH = jnp.concatenate([v_l[li].astype(dtype), v_BTKH], axis=1)
+        o_BTNH = _masked_attention(q_BTNH, k_BSKH, v_BSKH, local_vis_BTS)
+        k_l = k_l.at[li, b_B1, ring_slot_BT].set(k_BTKH.astype(k_l.dtype), mode="drop")
+        v_l = v_l.at[li, b_B1, ring_slot_BT].set(v_BTKH.astype(v_l.dtype), mode="drop")
+        return o_BTNH, (k_g, v_g, k_l, v_l)
+
+    def body(carry, xs):
+        x_BTD, caches = carry
+        p, g, gi, li = xs
+        q_BTNH, k_BTKH, v_BTKH = model.block_qkv(p, x_BTD, cos_BTH, sin_BTH)
+        args = (q_BTNH, k_BTKH, v_BTKH, caches, gi, li)
+        if is_global.all():
+            o_BTNH, caches = global_attend(*args)
+        elif not is_global.any():
+            o_BTNH, caches = local_attend(*args)
+        else:
+            o_BTNH, caches = jax.lax.cond(g, global_attend, local_attend, *args)
+        return (model.block_out(p, x_BTD, o_BTNH), caches), None
+
+    caches = (cache.k_global, cache.v_global, cache.k_local, cache.v_local)
+    xs = (layer_params, jnp.asarray(is_global), global_idx_L, local_idx_L)
+    (x_BTD, caches), _ = jax.lax.scan(body, (x_BTD, caches), xs)
+    local_pos = cache.local_pos
+    if R:
+        local_pos = local_pos.at[b_B1, ring_slot_BT].set(positions_BT, mode="drop")
+    new_cache = KVCache(*caches, local_pos)
+    h_BTD = rms_norm(x_BTD, model.final_norm[...], c.rms_norm_eps)
+    return (h_BTD if return_hidden else model.logits(h_BTD)), new_cache
+
+
+def prompt_positions(lengths_B, T: int):
+    """Positions 0..T-1 of right-padded prompts of `lengths_B` tokens, -1 on padding. [B] -> int32 [B, T]."""
+    t_1T = jnp.arange(T, dtype=jnp.int32)[None, :]
+    return jnp.where(t_1T < jnp.asarray(lengths_B, jnp.int32)[:, None], t_1T, -1)
+
+
+@nnx.jit
+def prefill(model: CwmModel, tokens_BT, lengths_B, cache: KVCache):
+    """Prompts right-padded to [B, T] with `lengths_B` real tokens into an empty cache.
+
+    Returns (fp32 logits [B, V] at each prompt's last token, the cache); only those positions pay for the head.
+    """
+    h_BTD, cache = forward_cached(
+        model, tokens_BT, prompt_positions(lengths_B, tokens_BT.shape[1]), cache, return_hidden=True
+    )
+    last_BD = jnp.take_along_axis(h_BTD, (jnp.asarray(lengths_B) - 1)[:, None, None], axis=1)[:, 0]
+    return model.logits(last_BD[:, None])[:, 0], cache
+
+
+def sample(logits_BV, key, *, temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None):
+    """Next tokens [B] from fp32 logits [B, V]: argmax at temperature 0, else temperature / top-k / top-p sampling."""
+    if temperature == 0.0:
+        return jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
+    logits_BV = logits_BV.astype(jnp.float32) / temperature
+    if top_k is not None:
+        kth_B1 = jax.lax.top_k(logits_BV, top_k)[0][:, -1:]
+        logits_BV = jnp.where(logits_BV < kth_B1, -jnp.inf, logits_BV)
+    if top_p is not None:
+        sorted_BV = jnp.sort(logits_BV, axis=-1)[:, ::-1]
+        probs_BV = jax.nn.softmax(sorted_BV, axis=-1)
+        # Keep the smallest prefix whose mass reaches top_p: a token stays if the mass before it is below top_p.
+        before_BV = jnp.cumsum(probs_BV, axis=-1) - probs_BV
+        num_kept_B1 = jnp.sum(before_BV < top_p, axis=-1, keepdims=True)
+        cutoff_B1 = jnp.take_along_axis(sorted_BV, num_kept_B1 - 1, axis=-1)
+        logits_BV = jnp.where(logits_BV < cutoff_B1, -jnp.inf, logits_BV)
+    return jax.random.categorical(key, logits_BV, axis=-1).astype(jnp.int32)
+
+
+@functools.partial(nnx.jit, static_argnames=("max_new_tokens", "temperature", "top_k", "top_p"))
+def decode(
+    model: CwmModel,
+    logits_BV,
+    lengths_B,
+    cache: KVCache,
+    key,
+    *,
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+):
+    """The on-device decode loop after `prefill`: sample from `logits_BV`, feed the token back, until every sequence
+    produced an eos id of the config or `max_new_tokens` tokens.
+
+    Returns (tokens [B, max_new_tokens] int32, eos included, -1 after a sequence stopped; number produced [B]).
+    """
+    eos = jnp.asarray(model.config.eos_token_ids or (-2,), jnp.int32)
+    B = logits_BV.shape[0]
+    pick = functools.partial(sample, temperature=temperature, top_k=top_k, top_p=top_p)
+
+    def record(i, tok_B, done_B, out_BN, count_B):
+        out_BN = out_BN.at[:, i].set(jnp.where(done_B, -1, tok_B))
+        count_B = count_B + (~done_B).astype(jnp.int32)
+        return out_BN, count_B, done_B | jnp.isin(tok_B, eos)
+
+    tok_B = pick(logits_BV, jax.random.fold_in(key, 0))
+    out_BN, count_B, done_B = record(
+        0, tok_B, jnp.zeros((B,), bool), jnp.full((B, max_new_tokens), -1, jnp.int32), jnp.zeros((B,), jnp.int32)
+    )
+
+    def cond(state):
+        i, _, done_B, *_ = state
+        return (i < max_new_tokens) & ~jnp.all(done_B)
+
+    def body(state):
+        i, tok_B, done_B, cache, out_BN, count_B = state
+        # A finished sequence runs as padding (position -1): it neither reads nor writes the cache.
+        pos_B = jnp.where(done_B, -1, jnp.asarray(lengths_B, jnp.int32) + i - 1)
+        logits_B1V, cache = forward_cached(model, tok_B[:, None], pos_B[:, None], cache)
+        tok_B = pick(logits_B1V[:, 0], jax.random.fold_in(key, i))
+        out_BN, count_B, done_B = record(i, tok_B, done_B, out_BN, count_B)
+        return i + 1, tok_B, done_B, cache, out_BN, count_B
+
+    state = (jnp.int32(1), tok_B, done_B, cache, out_BN, count_B)
+    _, _, _, _, out_BN, count_B = jax.lax.while_loop(cond, body, state)
+    return out_BN, count_B
+
+
+def generate(
+    model: CwmModel,
+    prompts: list[list[int]],
+    max_new_tokens: int,
+    *,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    seed: int = 0,
+) -> list[list[int]]:
+    """New tokens for each prompt (a list of token ids), ending with the eos id that stopped it, if any.
+
+    temperature 0 is greedy; otherwise sampling with optional top_k / top_p, reproducible for a given `seed`.
+    """
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("generate needs at least one prompt and every prompt needs at least one token")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    lengths = np.array([len(p) for p in prompts], np.int32)
+    T = int(lengths.max())
+    if T + max_new_tokens > model.config.max_position_embeddings:
+        raise ValueError(
+            f"prompt ({T}) + max_new_tokens ({max_new_tokens}) exceeds max_position_embeddings "
+            f"({model.config.max_position_embeddings}) of the model config"
+        )
+    tokens = np.zeros((len(prompts), T), np.int32)
+    for b, p in enumerate(prompts):
+        tokens[b, : len(p)] = p
+    cache = init_cache(model.config, len(prompts), T + max_new_tokens)
+    logits_BV, cache = prefill(model, jnp.asarray(tokens), jnp.asarray(lengths), cache)
+    out_BN, count_B = decode(
+        model,
+        logits_BV,
+        jnp.asarray(lengths),
+        cache,
+        jax.random.key(seed),
+        max_new_tokens=max_new_tokens,
+        temperature=float(temperature),
+        top_k=top_k,
+        top_p=top_p,
+    )
+    out_BN, count_B = np.asarray(out_BN), np.asarray(count_B)
+    return [out_BN[b, : count_B[b]].tolist() for b in range(len(prompts))]
