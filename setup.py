@@ -39,6 +39,7 @@ setup(
         "console_scripts": [
             "cwm-demo=cwm_jax.demo:main",
             "cwm-convert=cwm_jax.convert.cli:main",
+            "cwm-generate=cwm_jax.generate_cli:main",
         ]
     },
 )

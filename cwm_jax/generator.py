@@ -1,0 +1,171 @@
+"""Text in, text out: a model and its tokenizer for raw completion, chat and trace prediction.
+
+`Generator.from_checkpoint(dir)` loads a converted checkpoint and the tokenizer copied into it; `complete`, `chat` and
+`predict_trace` render the prompt (`cwm_jax.chat`, spec section 4), run `cwm_jax.generate.generate` and decode and
+parse the new tokens. Sampling defaults are the release's (spec section 4): temperature 1.0, top_p 0.95.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+from cwm_jax import checkpoint
+from cwm_jax.chat import (
+    Frame,
+    Message,
+    Reply,
+    encode_segments,
+    parse_reply,
+    parse_trace,
+    render_chat,
+    render_trace_prompt,
+)
+from cwm_jax.generate import generate
+from cwm_jax.model import CwmModel
+from cwm_jax.tokenizer import Tokenizer, TokenizerError, load_tokenizer
+
+# Release sampling defaults (spec section 4).
+TEMPERATURE = 1.0
+TOP_P = 0.95
+
+
+class GeneratorError(ValueError):
+    """A request the generator cannot serve (empty or too long prompt, bad sampling settings, mismatched files)."""
+
+
+class Generator:
+    """A CwmModel and the Tokenizer of its vocabulary.
+
+    Raises GeneratorError if the tokenizer has more ids than the model's vocabulary (a checkpoint converted with a
+    tokenizer of another model).
+    """
+
+    def __init__(self, model: CwmModel, tokenizer: Tokenizer):
+        vocab = model.config.vocab_size
+        if tokenizer.vocab_size > vocab:
+            raise GeneratorError(
+                f"tokenizer {tokenizer.source} has {tokenizer.vocab_size} ids but the model's vocab_size is {vocab}; "
+                "use the tokenizer the checkpoint was trained with"
+            )
+        self.model = model
+        self.tokenizer = tokenizer
+        # Generation stops on the config's eos ids (inside `generate`); the tokenizer's stop ids end the text too.
+        self._stop_ids = frozenset(model.config.eos_token_ids) | frozenset(tokenizer.stop_ids)
+
+    @classmethod
+    def from_checkpoint(cls, ckpt_dir, *, mesh=None, dtype=None) -> Generator:
+        """The model of a converted checkpoint (`checkpoint.load(ckpt_dir, mesh, dtype)`) and the tokenizer file
+        copied into the same folder (`load_tokenizer(ckpt_dir)`). Raises CheckpointError for a folder that is not a
+        converted checkpoint and GeneratorError when it holds no readable tokenizer or one that does not fit."""
+        config = checkpoint.read_config(ckpt_dir)  # a clear error for a folder that is not a checkpoint, first
+        try:
+            tokenizer = load_tokenizer(ckpt_dir)
+        except TokenizerError as e:
+            raise GeneratorError(
+                f"{ckpt_dir}: no usable tokenizer in the checkpoint folder ({e}); copy the source model's tokenizer "
+                "file into it (checkpoint.save_streaming(..., files=[tokenizer file]) does this at conversion)"
+            ) from None
+        if tokenizer.vocab_size > config.vocab_size:  # checked before reading the weights
+            raise GeneratorError(
+                f"{ckpt_dir}: tokenizer {tokenizer.source} has {tokenizer.vocab_size} ids but config.json has "
+                f"vocab_size {config.vocab_size}; the tokenizer file does not belong to this checkpoint"
+            )
+        return cls(checkpoint.load(ckpt_dir, mesh=mesh, dtype=dtype), tokenizer)
+
+    def complete(
+        self,
+        prompt: str,
+        *,
+        max_new_tokens: int = 256,
+        temperature: float = TEMPERATURE,
+        top_p: float | None = TOP_P,
+        top_k: int | None = None,
+        seed: int = 0,
+        stop: Iterable[str] = (),
+    ) -> str:
+        """The continuation of raw text `prompt` (encoded after a BOS token, special strings kept as text).
+
+        The returned text ends before the stop token that ended generation, and before the first of the `stop`
+        strings. Stop strings are applied to the decoded text afterwards: generation itself runs until a stop token
+        or `max_new_tokens`, possibly past a stop string. temperature 0 is greedy; `seed` makes sampling repeatable.
+        """
+        if not prompt:
+            raise GeneratorError("the prompt is empty; complete() needs some text to continue")
+        ids = self.tokenizer.encode(prompt, bos=True)
+        return self._generate_text(ids, max_new_tokens, temperature, top_p, top_k, seed, stop)
+
+    def chat(
+        self,
+        messages: Sequence[Message | Mapping[str, Any]],
+        *,
+        reasoning: bool = False,
+        max_new_tokens: int = 256,
+        temperature: float = TEMPERATURE,
+        top_p: float | None = TOP_P,
+        top_k: int | None = None,
+        seed: int = 0,
+        stop: Iterable[str] = (),
+    ) -> Reply:
+        """The assistant's reply to `messages` (Message or {"role", "content"}), parsed by `chat.parse_reply`.
+
+        `reasoning` uses the reasoning system prompt and splits the reply into reasoning and answer. Other arguments
+        as in `complete`; stop strings cut the generated text before it is parsed.
+        """
+        if not messages:
+            raise GeneratorError("chat() needs at least one message")
+        ids = self._encode(render_chat(messages, reasoning=reasoning), "a chat prompt")
+        text = self._generate_text(ids, max_new_tokens, temperature, top_p, top_k, seed, stop)
+        return parse_reply(text, reasoning=reasoning)
+
+    def predict_trace(
+        self,
+        source: str,
+        entry_function: str,
+        *,
+        max_new_tokens: int = 1024,
+        temperature: float = TEMPERATURE,
+        top_p: float | None = TOP_P,
+        top_k: int | None = None,
+        seed: int = 0,
+    ) -> list[Frame]:
+        """The predicted execution trace of `entry_function` ("name" or "Class.method") of Python `source`.
+
+        A last frame cut by `max_new_tokens` is dropped; a complete malformed frame raises ValueError (`parse_trace`).
+        """
+        ids = self._encode(render_trace_prompt(source, entry_function), "a trace prompt")
+        return parse_trace(self._generate_text(ids, max_new_tokens, temperature, top_p, top_k, seed, ()))
+
+    def _encode(self, segments, what: str) -> list[int]:
+        try:
+            return encode_segments(segments, self.tokenizer)
+        except KeyError as e:
+            raise GeneratorError(
+                f"cannot encode {what}: {e.args[0]}; it needs a tokenizer with CWM's specials"
+            ) from None
+
+    def _generate_text(self, ids, max_new_tokens, temperature, top_p, top_k, seed, stop) -> str:
+        limit = self.model.config.max_position_embeddings
+        if max_new_tokens < 1:
+            raise GeneratorError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+        if temperature < 0:
+            raise GeneratorError(f"temperature must be >= 0 (0 is greedy), got {temperature}")
+        if top_p is not None and not 0 < top_p <= 1:
+            raise GeneratorError(f"top_p must be in (0, 1], got {top_p}")
+        if top_k is not None and not 1 <= top_k <= self.model.config.vocab_size:
+            raise GeneratorError(f"top_k must be in 1..{self.model.config.vocab_size}, got {top_k}")
+        if len(ids) + max_new_tokens > limit:
+            raise GeneratorError(
+                f"the prompt has {len(ids)} tokens; with max_new_tokens={max_new_tokens} that exceeds the model's "
+                f"context of {limit} tokens (config max_position_embeddings); shorten the prompt or lower "
+                f"max_new_tokens to at most {limit - len(ids)}"
+            )
+        stop = [s for s in stop if s]
+        (new,) = generate(
+            self.model, [ids], max_new_tokens, temperature=float(temperature), top_k=top_k, top_p=top_p, seed=seed
+        )
+        # Text ends before the first stop token: the config's eos ids end `generate`, the tokenizer's may come earlier.
+        end = next((i for i, t in enumerate(new) if t in self._stop_ids), len(new))
+        text = self.tokenizer.decode(new[:end])
+        cut = min((i for i in (text.find(s) for s in stop) if i >= 0), default=len(text))
+        return text[:cut]
