@@ -26,6 +26,8 @@ test: lint
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/compile_time.py
+	$(BIN)/python benchmarks/generate.py
+	$(BIN)/python benchmarks/convert.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info
