@@ -12,7 +12,6 @@ Shapes: B batch, T positions, V vocab.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
@@ -20,6 +19,7 @@ import time
 
 import jax
 import jax.numpy as jnp
+from common import write_json
 from flax import nnx
 
 from cwm_jax.config import cwm_tiny, release_layer_types
@@ -79,15 +79,6 @@ def measure(depths, seq_len: int, batch: int, repeats: int) -> list[dict]:
             for key, case in cases.items():
                 best[depth, key] = min(best[depth, key], compile_seconds(*case(*models[depth])))
     return [{"depth": depth, **{key: best[depth, key] for key in cases}} for depth in depths]
-
-
-def write_json(path: str, result: dict) -> None:
-    """Write `result` to `path` through a temporary name, so a failed run leaves no half-written file."""
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(result, f, indent=2)
-        f.write("\n")
-    os.replace(tmp, path)
 
 
 def main(argv=None) -> int:

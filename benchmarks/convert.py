@@ -23,6 +23,7 @@ import tempfile
 import time
 
 import numpy as np
+from common import write_json
 
 
 def synthetic_config(size_gb: float):
@@ -171,8 +172,7 @@ def main(argv: list[str] | None = None) -> int:
         f"({budget / 1e9:.2f} GB)"
     )
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=2)
+        write_json(args.json, results)
     return 0
 
 

@@ -16,7 +16,6 @@ Also prints the KV cache bytes of the 32B config (`cwm_32b()`, bf16, batch 1) wi
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
@@ -24,6 +23,7 @@ import tempfile
 import time
 
 import numpy as np
+from common import write_json
 
 TARGET = 3.0  # cwm_jax tokens/s over transformers tokens/s
 CONTEXTS = (8192, 32768, 131072)
@@ -146,15 +146,6 @@ def kv_rows() -> list[dict]:
         full = kv_cache_bytes(config, context, ring=False)
         rows.append({"context": context, "ring_gb": ring / 1e9, "no_ring_gb": full / 1e9, "ratio": ring / full})
     return rows
-
-
-def write_json(path: str, result: dict) -> None:
-    """Write `result` to `path` through a temporary name, so a failed run leaves no half-written file."""
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(result, f, indent=2)
-        f.write("\n")
-    os.replace(tmp, path)
 
 
 def main(argv=None) -> int:
