@@ -207,7 +207,7 @@ def sample(logits_BV, key, *, temperature: float = 0.0, top_k: int | None = None
     return jax.random.categorical(key, logits_BV, axis=-1).astype(jnp.int32)
 
 
-@functools.partial(nnx.jit, static_argnames=("max_new_tokens", "temperature", "top_k", "top_p"))
+@functools.partial(nnx.jit, static_argnames=("max_new_tokens", "temperature", "top_k", "top_p", "stop_ids"))
 def decode(
     model: CwmModel,
     logits_BV,
@@ -219,13 +219,14 @@ def decode(
     temperature: float = 0.0,
     top_k: int | None = None,
     top_p: float | None = None,
+    stop_ids: tuple[int, ...] | None = None,
 ):
     """The on-device decode loop after `prefill`: sample from `logits_BV`, feed the token back, until every sequence
-    produced an eos id of the config or `max_new_tokens` tokens.
+    produced a stop id (`stop_ids`, default the config's eos ids) or `max_new_tokens` tokens.
 
     Returns (tokens [B, max_new_tokens] int32, eos included, -1 after a sequence stopped; number produced [B]).
     """
-    eos = jnp.asarray(model.config.eos_token_ids or (-2,), jnp.int32)
+    eos = jnp.asarray((model.config.eos_token_ids if stop_ids is None else stop_ids) or (-2,), jnp.int32)
     B = logits_BV.shape[0]
     pick = functools.partial(sample, temperature=temperature, top_k=top_k, top_p=top_p)
 
@@ -266,10 +267,12 @@ def generate(
     top_k: int | None = None,
     top_p: float | None = None,
     seed: int = 0,
+    stop_ids=None,
 ) -> list[list[int]]:
-    """New tokens for each prompt (a list of token ids), ending with the eos id that stopped it, if any.
+    """New tokens for each prompt (a list of token ids), ending with the stop id that stopped it, if any.
 
     temperature 0 is greedy; otherwise sampling with optional top_k / top_p, reproducible for a given `seed`.
+    `stop_ids` (default: the config's eos ids) end a sequence inside the decode loop.
     """
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("generate needs at least one prompt and every prompt needs at least one token")
@@ -297,6 +300,7 @@ def generate(
         temperature=float(temperature),
         top_k=top_k,
         top_p=top_p,
+        stop_ids=None if stop_ids is None else tuple(sorted(set(stop_ids))),
     )
     out_BN, count_B = np.asarray(out_BN), np.asarray(count_B)
     return [out_BN[b, : count_B[b]].tolist() for b in range(len(prompts))]

@@ -50,7 +50,7 @@ class Generator:
             )
         self.model = model
         self.tokenizer = tokenizer
-        # Generation stops on the config's eos ids (inside `generate`); the tokenizer's stop ids end the text too.
+        # Generation stops (inside the decode loop) on the config's eos ids and the tokenizer's stop ids alike.
         self._stop_ids = frozenset(model.config.eos_token_ids) | frozenset(tokenizer.stop_ids)
 
     @classmethod
@@ -162,9 +162,16 @@ class Generator:
             )
         stop = [s for s in stop if s]
         (new,) = generate(
-            self.model, [ids], max_new_tokens, temperature=float(temperature), top_k=top_k, top_p=top_p, seed=seed
+            self.model,
+            [ids],
+            max_new_tokens,
+            temperature=float(temperature),
+            top_k=top_k,
+            top_p=top_p,
+            seed=seed,
+            stop_ids=self._stop_ids,
         )
-        # Text ends before the first stop token: the config's eos ids end `generate`, the tokenizer's may come earlier.
+        # Text ends before the stop token that ended generation.
         end = next((i for i, t in enumerate(new) if t in self._stop_ids), len(new))
         text = self.tokenizer.decode(new[:end])
         cut = min((i for i in (text.find(s) for s in stop) if i >= 0), default=len(text))

@@ -202,6 +202,8 @@ def test_stops_on_eos_per_sequence(hf_pair):
     # The other sequence stops at its own first eos id (or runs on): done flags are per sequence.
     cut = next((i + 1 for i, t in enumerate(greedy[1]) if t in eos_ids), len(greedy[1]))
     assert out[1] == greedy[1][:cut]
+    # The same through `stop_ids`, without changing the config.
+    assert gen.generate(model, prompts, 20, stop_ids=eos_ids) == out
 
 
 def test_generation_from_a_sharded_model_equals_unsharded():
