@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from cwm_jax import sharding
 from cwm_jax.config import CwmConfig
 from cwm_jax.model import CwmModel, rms_norm, rope_cos_sin
 
@@ -94,6 +95,16 @@ def _ring_write_slots(positions_BT, R):
     return jnp.where(keep_BT, positions_BT % R, R)
 
 
+# Under a mesh the cache follows the activations: batch over the data axes, KV heads over the tensor axis.
+_CACHE_AXES = (None, "act_batch", None, "act_kv_heads", None)
+
+
+def constrain_cache(cache: KVCache) -> KVCache:
+    """The cache with its sharding constrained under the current mesh (a no-op without one)."""
+    stacks = [sharding.constrain(x, _CACHE_AXES) for x in cache[:4]]
+    return KVCache(*stacks, sharding.constrain(cache.local_pos, ("act_batch", None)))
+
+
 def forward_cached(model: CwmModel, tokens_BT, positions_BT, cache: KVCache, *, return_hidden: bool = False):
     """Run T new tokens per sequence through the model at `positions_BT` against `cache`.
 
@@ -104,6 +115,7 @@ def forward_cached(model: CwmModel, tokens_BT, positions_BT, cache: KVCache, *, 
     """
     c = model.config
     dtype = jnp.dtype(c.dtype)
+    cache = constrain_cache(cache)
     B, T = tokens_BT.shape
     S = cache.k_global.shape[2]
     R = cache.local_pos.shape[1]
@@ -164,7 +176,7 @@ def forward_cached(model: CwmModel, tokens_BT, positions_BT, cache: KVCache, *, 
     local_pos = cache.local_pos
     if R:
         local_pos = local_pos.at[b_B1, ring_slot_BT].set(positions_BT, mode="drop")
-    new_cache = KVCache(*caches, local_pos)
+    new_cache = constrain_cache(KVCache(*caches, local_pos))
     h_BTD = rms_norm(x_BTD, model.final_norm[...], c.rms_norm_eps)
     return (h_BTD if return_hidden else model.logits(h_BTD)), new_cache
 

@@ -219,5 +219,12 @@ def test_generation_from_a_sharded_model_equals_unsharded():
     assert model.layers["q"][...].sharding.spec[1] == "fsdp"
     with jax.set_mesh(mesh):
         sharded = gen.generate(model, prompts, 20)
+        # The cache is sharded too: KV heads over the tensor axis, batch over the data axes.
+        batch = prompts * 2  # 4 sequences: divisible by the fsdp axis
+        tokens = jnp.asarray([p + [0] * (13 - len(p)) for p in batch])
+        cache = gen.init_cache(cfg, len(batch), 40)
+        _, cache = gen.prefill(model, tokens, jnp.asarray([len(p) for p in batch]), cache)
+    assert cache.k_global.sharding.spec[3] == "tensor" and cache.k_local.sharding.spec[3] == "tensor"
+    assert cache.k_global.sharding.spec[1] == "fsdp" and cache.local_pos.sharding.spec[0] == "fsdp"
     # Same seed, same parameters (up to 1 ulp of init rounding under jit): greedy tokens agree.
     assert sharded == plain
