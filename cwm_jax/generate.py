@@ -187,16 +187,35 @@ def prompt_positions(lengths_B, T: int):
     return jnp.where(t_1T < jnp.asarray(lengths_B, jnp.int32)[:, None], t_1T, -1)
 
 
-@nnx.jit
-def prefill(model: CwmModel, tokens_BT, lengths_B, cache: KVCache):
+@functools.partial(nnx.jit, static_argnames=("chunk",))
+def prefill(model: CwmModel, tokens_BT, lengths_B, cache: KVCache, *, chunk: int | None = None):
     """Prompts right-padded to [B, T] with `lengths_B` real tokens into an empty cache.
 
+    `chunk`: process the prompts `chunk` positions at a time (a `lax.scan` over chunks), so attention masks are
+    [B, chunk, S] rather than [B, T, S] for long prompts; None or >= T is one pass.
     Returns (fp32 logits [B, V] at each prompt's last token, the cache); only those positions pay for the head.
     """
-    h_BTD, cache = forward_cached(
-        model, tokens_BT, prompt_positions(lengths_B, tokens_BT.shape[1]), cache, return_hidden=True
-    )
-    last_BD = jnp.take_along_axis(h_BTD, (jnp.asarray(lengths_B) - 1)[:, None, None], axis=1)[:, 0]
+    B, T = tokens_BT.shape
+    last_B = jnp.asarray(lengths_B, jnp.int32) - 1
+    if chunk is None or chunk >= T:
+        h_BTD, cache = forward_cached(model, tokens_BT, prompt_positions(lengths_B, T), cache, return_hidden=True)
+        last_BD = jnp.take_along_axis(h_BTD, last_B[:, None, None], axis=1)[:, 0]
+        return model.logits(last_BD[:, None])[:, 0], cache
+    n = -(-T // chunk)
+    tokens_BT = jnp.pad(tokens_BT, ((0, 0), (0, n * chunk - T)))
+    positions_BT = prompt_positions(lengths_B, n * chunk)
+    tokens_nBC, positions_nBC = (x.reshape(B, n, chunk).transpose(1, 0, 2) for x in (tokens_BT, positions_BT))
+
+    def step(carry, xs):
+        cache, last_BD = carry
+        tok_BC, pos_BC = xs
+        h_BCD, cache = forward_cached(model, tok_BC, pos_BC, cache, return_hidden=True)
+        here_BC = pos_BC == last_B[:, None]
+        last_BD = jnp.where(here_BC.any(axis=1)[:, None], jnp.sum(h_BCD * here_BC[..., None], axis=1), last_BD)
+        return (cache, last_BD), None
+
+    last_BD = jnp.zeros((B, model.config.hidden_size), jnp.dtype(model.config.dtype))
+    (cache, last_BD), _ = jax.lax.scan(step, (cache, last_BD), (tokens_nBC, positions_nBC))
     return model.logits(last_BD[:, None])[:, 0], cache
 
 
@@ -280,11 +299,13 @@ def generate(
     top_p: float | None = None,
     seed: int = 0,
     stop_ids=None,
+    prefill_chunk: int | None = 512,
 ) -> list[list[int]]:
     """New tokens for each prompt (a list of token ids), ending with the stop id that stopped it, if any.
 
     temperature 0 is greedy; otherwise sampling with optional top_k / top_p, reproducible for a given `seed`.
-    `stop_ids` (default: the config's eos ids) end a sequence inside the decode loop.
+    `stop_ids` (default: the config's eos ids) end a sequence inside the decode loop. Prompts longer than
+    `prefill_chunk` are prefilled that many positions at a time.
     """
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("generate needs at least one prompt and every prompt needs at least one token")
@@ -301,7 +322,7 @@ def generate(
     for b, p in enumerate(prompts):
         tokens[b, : len(p)] = p
     cache = init_cache(model.config, len(prompts), T + max_new_tokens)
-    logits_BV, cache = prefill(model, jnp.asarray(tokens), jnp.asarray(lengths), cache)
+    logits_BV, cache = prefill(model, jnp.asarray(tokens), jnp.asarray(lengths), cache, chunk=prefill_chunk)
     out_BN, count_B = decode(
         model,
         logits_BV,

@@ -113,6 +113,14 @@ def test_prefill_returns_last_prompt_logits(hf_pair):
     assert not np.asarray(cache.k_global[:, 0, LENGTHS[0] :]).any()
     np.testing.assert_array_equal(np.asarray(cache.local_pos[0]), [0, 1, 2, 3, 4, -1, -1, -1])
     np.testing.assert_array_equal(np.asarray(cache.local_pos[1]), [8, 9, 10, 11, 12, 5, 6, 7])
+    # Chunked prefill (chunks of 3 and 5: not dividing the prompts, some shorter than the window) is the same.
+    for chunk in (3, 5):
+        logits_c, cache_c = gen.prefill(
+            model, jnp.asarray(tokens), jnp.asarray(LENGTHS), gen.init_cache(model.config, 2, 32), chunk=chunk
+        )
+        np.testing.assert_allclose(np.asarray(logits_c), np.asarray(logits), atol=1e-5)
+        for got, want in zip(cache_c, cache, strict=True):
+            np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5)
 
 
 def test_against_transformers(hf_pair):
