@@ -29,11 +29,20 @@ setup(
     ],
     extras_require={
         # torch==2.13.0: the CPU build (an unpinned torch pulls a multi-GB CUDA one); transformers has CwmForCausalLM.
-        "test": ["torch==2.13.0", "transformers>=5.0", "pytest>=8", "ruff>=0.15"],
+        # nbclient, nbformat, ipykernel: tests/test_notebook.py executes notebooks/ on a tiny model.
+        "test": [
+            "torch==2.13.0",
+            "transformers>=5.0",
+            "pytest>=8",
+            "ruff>=0.15",
+            "nbclient>=0.10",
+            "nbformat>=5.10",
+            "ipykernel>=6.29",
+        ],
         "data": ["grain>=0.2.12", "array-record>=0.8", "pyarrow>=18", "tensorflow-datasets>=4.9"],
         # jax[tpu] picks the libtpu that matches jax; with it a CPU host also compiles for TPU topologies.
         "tpu": ["jax[tpu]>=0.10.2"],
-        "notebooks": ["jupyter", "nbclient", "ipykernel", "huggingface_hub"],
+        "notebooks": ["jupyter", "nbformat", "nbclient", "ipykernel", "huggingface_hub"],
     },
     entry_points={
         "console_scripts": [

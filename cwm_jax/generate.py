@@ -12,13 +12,16 @@ G = N // K, H head dim, V vocab, L layers (Lg global, Ll local), W window.
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import threading
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.experimental import io_callback
 
 from cwm_jax import sharding
 from cwm_jax.config import CwmConfig
@@ -238,7 +241,18 @@ def sample(logits_BV, key, *, temperature: float = 0.0, top_k: int | None = None
     return jax.random.categorical(key, logits_BV, axis=-1).astype(jnp.int32)
 
 
-@functools.partial(nnx.jit, static_argnames=("max_new_tokens", "temperature", "top_k", "top_p", "stop_ids"))
+# The streaming callback of the generate() call in progress. decode() compiles once with stream=True and its host
+# callback (run on a runtime thread, hence no thread-local) looks the function up here, so a new callback per call
+# costs no recompilation; the lock makes concurrent streaming calls take turns.
+_stream: dict = {"fn": None}
+_stream_lock = threading.Lock()
+
+
+def _emit(i, tok_B, done_B) -> None:
+    _stream["fn"](int(i), np.asarray(tok_B), np.asarray(done_B))
+
+
+@functools.partial(nnx.jit, static_argnames=("max_new_tokens", "temperature", "top_k", "top_p", "stop_ids", "stream"))
 def decode(
     model: CwmModel,
     logits_BV,
@@ -251,17 +265,22 @@ def decode(
     top_k: int | None = None,
     top_p: float | None = None,
     stop_ids: tuple[int, ...] | None = None,
+    stream: bool = False,
 ):
     """The on-device decode loop after `prefill`: sample from `logits_BV`, feed the token back, until every sequence
     produced a stop id (`stop_ids`, default the config's eos ids) or `max_new_tokens` tokens.
 
     Returns (tokens [B, max_new_tokens] int32, eos included, -1 after a sequence stopped; number produced [B]).
+    stream: call the current `generate(on_token=...)` callback on the host after each step (an ordered io_callback,
+    the loop's only host round trip).
     """
     eos = jnp.asarray((model.config.eos_token_ids if stop_ids is None else stop_ids) or (-2,), jnp.int32)
     B = logits_BV.shape[0]
     pick = functools.partial(sample, temperature=temperature, top_k=top_k, top_p=top_p)
 
     def record(i, tok_B, done_B, out_BN, count_B):
+        if stream:
+            io_callback(_emit, None, i, tok_B, done_B, ordered=True)
         out_BN = out_BN.at[:, i].set(jnp.where(done_B, -1, tok_B))
         count_B = count_B + (~done_B).astype(jnp.int32)
         return out_BN, count_B, done_B | jnp.isin(tok_B, eos)
@@ -300,12 +319,14 @@ def generate(
     seed: int = 0,
     stop_ids=None,
     prefill_chunk: int | None = 512,
+    on_token=None,
 ) -> list[list[int]]:
     """New tokens for each prompt (a list of token ids), ending with the stop id that stopped it, if any.
 
     temperature 0 is greedy; otherwise sampling with optional top_k / top_p, reproducible for a given `seed`.
     `stop_ids` (default: the config's eos ids) end a sequence inside the decode loop. Prompts longer than
-    `prefill_chunk` are prefilled that many positions at a time.
+    `prefill_chunk` are prefilled that many positions at a time. `on_token(b, token)` is called on the host for
+    each new token of sequence b as it is generated (streaming), in order.
     """
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("generate needs at least one prompt and every prompt needs at least one token")
@@ -323,17 +344,22 @@ def generate(
         tokens[b, : len(p)] = p
     cache = init_cache(model.config, len(prompts), T + max_new_tokens)
     logits_BV, cache = prefill(model, jnp.asarray(tokens), jnp.asarray(lengths), cache, chunk=prefill_chunk)
-    out_BN, count_B = decode(
-        model,
-        logits_BV,
-        jnp.asarray(lengths),
-        cache,
-        jax.random.key(seed),
-        max_new_tokens=max_new_tokens,
-        temperature=float(temperature),
-        top_k=top_k,
-        top_p=top_p,
-        stop_ids=None if stop_ids is None else tuple(sorted(set(stop_ids))),
-    )
-    out_BN, count_B = np.asarray(out_BN), np.asarray(count_B)
+    with _stream_lock if on_token is not None else contextlib.nullcontext():
+        if on_token is not None:
+            # done_B is as it was before this step: a sequence that stopped earlier gets no more tokens.
+            _stream["fn"] = lambda i, tok_B, done_B: [on_token(int(b), int(tok_B[b])) for b in np.flatnonzero(~done_B)]
+        out_BN, count_B = decode(
+            model,
+            logits_BV,
+            jnp.asarray(lengths),
+            cache,
+            jax.random.key(seed),
+            max_new_tokens=max_new_tokens,
+            temperature=float(temperature),
+            top_k=top_k,
+            top_p=top_p,
+            stop_ids=None if stop_ids is None else tuple(sorted(set(stop_ids))),
+            stream=on_token is not None,
+        )
+        out_BN, count_B = np.asarray(out_BN), np.asarray(count_B)  # blocks until the loop and its callbacks finish
     return [out_BN[b, : count_B[b]].tolist() for b in range(len(prompts))]

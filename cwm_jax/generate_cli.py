@@ -49,7 +49,9 @@ def main(argv: list[str] | None = None) -> int:
 
         generator = Generator.from_checkpoint(args.checkpoint)
         if args.prompt is not None:
-            print(generator.complete(args.prompt, **sampling))
+            # Streamed as generated; the newline ends the completion.
+            generator.complete(args.prompt, **sampling, on_text=lambda piece: print(piece, end="", flush=True))
+            print()
         elif args.trace is not None:
             for frame in generator.predict_trace(source, func, **sampling):
                 print(json.dumps(dataclasses.asdict(frame)))

@@ -7,7 +7,7 @@ parse the new tokens. Sampling defaults are the release's (spec section 4): temp
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 from cwm_jax import checkpoint
@@ -83,8 +83,12 @@ class Generator:
         top_k: int | None = None,
         seed: int = 0,
         stop: Iterable[str] = (),
+        on_text: Callable[[str], None] | None = None,
     ) -> str:
         """The continuation of raw text `prompt` (encoded after a BOS token, special strings kept as text).
+
+        `on_text(piece)` streams the text as it is generated (whole UTF-8 characters; stop strings are not applied
+        to the stream, only to the returned text).
 
         The returned text ends before the stop token that ended generation, and before the first of the `stop`
         strings. Stop strings are applied to the decoded text afterwards: generation itself runs until a stop token
@@ -93,7 +97,7 @@ class Generator:
         if not prompt:
             raise GeneratorError("the prompt is empty; complete() needs some text to continue")
         ids = self.tokenizer.encode(prompt, bos=True)
-        return self._generate_text(ids, max_new_tokens, temperature, top_p, top_k, seed, stop)
+        return self._generate_text(ids, max_new_tokens, temperature, top_p, top_k, seed, stop, on_text)
 
     def chat(
         self,
@@ -144,7 +148,23 @@ class Generator:
                 f"cannot encode {what}: {e.args[0]}; it needs a tokenizer with CWM's specials"
             ) from None
 
-    def _generate_text(self, ids, max_new_tokens, temperature, top_p, top_k, seed, stop) -> str:
+    def _streamer(self, on_text: Callable[[str], None]):
+        """(token callback for generate(), finish) feeding `on_text` whole characters, silent from a stop token on."""
+        decoder = self.tokenizer.stream_decoder()
+        stopped = [False]
+
+        def on_token(b: int, token: int) -> None:
+            stopped[0] = stopped[0] or token in self._stop_ids
+            if not stopped[0] and (piece := decoder.push(token)):
+                on_text(piece)
+
+        def finish() -> None:
+            if tail := decoder.flush():
+                on_text(tail)
+
+        return on_token, finish
+
+    def _generate_text(self, ids, max_new_tokens, temperature, top_p, top_k, seed, stop, on_text=None) -> str:
         limit = self.model.config.max_position_embeddings
         if max_new_tokens < 1:
             raise GeneratorError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
@@ -161,6 +181,7 @@ class Generator:
                 f"max_new_tokens to at most {limit - len(ids)}"
             )
         stop = [s for s in stop if s]
+        streamer = self._streamer(on_text) if on_text is not None else None
         (new,) = generate(
             self.model,
             [ids],
@@ -170,7 +191,10 @@ class Generator:
             top_p=top_p,
             seed=seed,
             stop_ids=self._stop_ids,
+            on_token=streamer[0] if streamer else None,
         )
+        if streamer:
+            streamer[1]()
         # Text ends before the stop token that ended generation.
         end = next((i for i, t in enumerate(new) if t in self._stop_ids), len(new))
         text = self.tokenizer.decode(new[:end])

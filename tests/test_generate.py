@@ -236,3 +236,14 @@ def test_generation_from_a_sharded_model_equals_unsharded():
     assert cache.k_global.sharding.spec[1] == "fsdp" and cache.local_pos.sharding.spec[0] == "fsdp"
     # Same seed, same parameters (up to 1 ulp of init rounding under jit): greedy tokens agree.
     assert sharded == plain
+
+
+def test_streaming_callback_sees_every_token_in_order(hf_pair):
+    model, _ = hf_pair
+    prompts = _random_seqs(model.config.vocab_size, LENGTHS, seed=7)
+    greedy = gen.generate(model, prompts, 12)
+    eos = greedy[0][4]  # sequence 0 stops early at its first occurrence; sequence 1 maybe too
+    seen = {0: [], 1: []}
+    out = gen.generate(model, prompts, 12, stop_ids=(eos,), on_token=lambda b, t: seen[b].append(t))
+    assert [seen[0], seen[1]] == out
+    assert out[0][-1] == eos and len(out[0]) <= 5

@@ -89,6 +89,10 @@ def test_complete_greedy_matches_generate(setup):
     want, ids = _greedy_text(setup["model"], tok, tok.encode(PROMPT, bos=True), NEW)
     assert len(ids) >= 4, "the random model stopped almost at once; the comparison would be weak"
     assert setup["gen"].complete(PROMPT, max_new_tokens=NEW, temperature=0) == want
+    # Streaming: the pieces join to the same text.
+    pieces = []
+    assert setup["gen"].complete(PROMPT, max_new_tokens=NEW, temperature=0, on_text=pieces.append) == want
+    assert "".join(pieces) == want and len(pieces) > 1
 
 
 def test_complete_sampling_is_seeded(setup):
