@@ -48,6 +48,7 @@ setup(
         "console_scripts": [
             "cwm-demo=cwm_jax.demo:main",
             "cwm-convert=cwm_jax.convert.cli:main",
+            "cwm-tokenizer=cwm_jax.tokenizer_cli:main",
             "cwm-generate=cwm_jax.generate_cli:main",
         ]
     },

@@ -17,6 +17,7 @@ from cwm_jax.config import FULL, SLIDING, cwm_32b
 W = 8
 LENGTHS = (5, 13)  # one prompt shorter than the window, one longer
 NEW = 30  # generation crosses the window several times (13 + 30 = 5.4 W)
+GREEDY = 64  # new tokens compared with transformers' greedy generate (the issue's number)
 
 forward_cached = nnx.jit(gen.forward_cached)
 
@@ -126,10 +127,10 @@ def test_prefill_returns_last_prompt_logits(hf_pair):
 def test_against_transformers(hf_pair):
     model, torch_model = hf_pair
     prompts = _random_seqs(model.config.vocab_size, LENGTHS, seed=3)
-    ours = gen.generate(model, prompts, NEW)
+    ours = gen.generate(model, prompts, GREEDY)
     for prompt, got in zip(prompts, ours, strict=True):
         with torch.no_grad():
-            ids = torch_model.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=NEW)[0].tolist()
+            ids = torch_model.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=GREEDY)[0].tolist()
             theirs = ids[len(prompt) :]
             ref = torch_model(torch.tensor([ids])).logits[0].float().numpy()
         # Teacher-forced on transformers' tokens: our cached logits at every position equal its uncached ones.
@@ -139,7 +140,7 @@ def test_against_transformers(hf_pair):
         top2 = np.sort(ref[len(prompt) - 1 : -1], axis=-1)[:, -2:]
         close = np.flatnonzero(top2[:, 1] - top2[:, 0] < 1e-3)
         n = close[0] if close.size else len(theirs)
-        assert n >= NEW // 2, f"only {n} greedy steps have a clear winner; scale the weights up"
+        assert n >= GREEDY // 2, f"only {n} greedy steps have a clear winner; scale the weights up"
         assert got[:n] == theirs[:n]
         if n == len(theirs):
             assert got == theirs

@@ -370,3 +370,25 @@ def test_json_without_byte_level_streams_by_decode_diff(tmp_path):
     assert "".join(stream.push(i) for i in ids) + stream.flush() == t.decode(ids) == text
     with pytest.raises(TokenizerError, match="has no BOS"):
         t.encode("x", bos=True)
+
+
+def test_cwm_tokenizer_cli_trains_and_encodes(tmp_path, capsys):
+    from cwm_jax import tokenizer_cli
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(("def add(a, b):\n    return a + b\n\nprint(add(1, 2))  # café 数据\n" * 40), encoding="utf-8")
+    prefix = tmp_path / "tok" / "spm"
+    assert tokenizer_cli.main(["train", str(corpus), "--out", str(prefix), "--vocab-size", "300"]) == 0
+    assert "vocab_size 300" in capsys.readouterr().out
+    tok = load_tokenizer(f"{prefix}.model")
+    assert tok.encode_special("<|eot_id|>") >= 0 and "<|frame_sep|>" in tok.special_ids
+    text = "def add(a, b):\n    return a + b  # café <|eot_id|>"
+    assert tok.decode(tok.encode(text)) == text
+    assert tok.encode_special("<|eot_id|>") not in tok.encode(text)
+    assert tokenizer_cli.main(["encode", "--tokenizer", f"{prefix}.model", "return a"]) == 0
+    ids_line = capsys.readouterr().out.splitlines()[0]
+    assert [int(i) for i in ids_line.split()] == tok.encode("return a")
+    assert (
+        tokenizer_cli.main(["train", str(tmp_path / "missing.txt"), "--out", str(prefix), "--vocab-size", "300"]) == 2
+    )
+    assert "missing.txt: corpus file not found" in capsys.readouterr().err
