@@ -99,12 +99,12 @@ def _ring_write_slots(positions_BT, R):
 
 
 # Under a mesh the cache follows the activations: batch over the data axes, KV heads over the tensor axis.
-_CACHE_AXES = (None, "act_batch", None, "act_kv_heads", None)
+CACHE_AXES = (None, "act_batch", None, "act_kv_heads", None)
 
 
 def constrain_cache(cache: KVCache) -> KVCache:
     """The cache with its sharding constrained under the current mesh (a no-op without one)."""
-    stacks = [sharding.constrain(x, _CACHE_AXES) for x in cache[:4]]
+    stacks = [sharding.constrain(x, CACHE_AXES) for x in cache[:4]]
     return KVCache(*stacks, sharding.constrain(cache.local_pos, ("act_batch", None)))
 
 
