@@ -2,6 +2,20 @@
 
 import json
 import os
+import platform
+
+
+def environment() -> dict:
+    """What a benchmark ran on, for its JSON."""
+    import jax
+
+    return {
+        "backend": jax.default_backend(),
+        "device": jax.devices()[0].device_kind,
+        "cpu_count": os.cpu_count(),
+        "jax": jax.__version__,
+        "python": platform.python_version(),
+    }
 
 
 def write_json(path: str, result: dict) -> None:

@@ -12,14 +12,12 @@ Shapes: B batch, T positions, V vocab.
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import sys
 import time
 
 import jax
 import jax.numpy as jnp
-from common import write_json
+from common import environment, write_json
 from flax import nnx
 
 from cwm_jax.config import cwm_tiny, release_layer_types
@@ -109,11 +107,7 @@ def main(argv=None) -> int:
             "seq_len": args.seq_len,
             "batch": args.batch,
             "repeats": args.repeats,
-            "backend": jax.default_backend(),
-            "device": jax.devices()[0].device_kind,
-            "cpu_count": os.cpu_count(),
-            "jax": jax.__version__,
-            "python": platform.python_version(),
+            **environment(),
             "rows": rows,
             "ratios": {name: ratios},
         }

@@ -17,13 +17,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import sys
 import tempfile
 import time
 
 import numpy as np
-from common import write_json
+from common import environment, write_json
 
 TARGET = 3.0  # cwm_jax tokens/s over transformers tokens/s
 CONTEXTS = (8192, 32768, 131072)
@@ -162,8 +161,6 @@ def main(argv=None) -> int:
         print("error: want positive --batch, --new-tokens, --prompt-len, --repeats, --torch-threads", file=sys.stderr)
         return 2
 
-    import jax
-
     rows, env = measure(args.batch, args.new_tokens, args.prompt_len, args.repeats, args.torch_threads)
     ratios = ", ".join(f"batch {r['batch']} {r['ratio']:.2f}x" for r in rows)
     met = all(r["ratio"] >= TARGET for r in rows)
@@ -193,11 +190,7 @@ def main(argv=None) -> int:
             "new_tokens": args.new_tokens,
             "prompt_len": args.prompt_len,
             "repeats": args.repeats,
-            "backend": jax.default_backend(),
-            "device": jax.devices()[0].device_kind,
-            "cpu_count": os.cpu_count(),
-            "jax": jax.__version__,
-            "python": platform.python_version(),
+            **environment(),
             **env,
             "target": TARGET,
             "target_met": met,

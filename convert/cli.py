@@ -114,9 +114,7 @@ def hf_to_orbax(src: str, dst: str, dtype: str | None = None, overwrite: bool = 
     from cwm_jax.config import CwmConfig
 
     config = CwmConfig.from_hf(src)
-    with open(os.path.join(src, "config.json")) as f:
-        raw = json.load(f)
-    stored = raw.get("dtype") or raw.get("torch_dtype")
+    stored = hf.stored_dtype(src)
     tensors = hf.scan_hf_checkpoint(src, config, dtype=stored if stored in hf.SAFETENSORS_DTYPES.values() else None)
     target = dtype or (stored if stored in DTYPES else "bfloat16")
     config = dataclasses.replace(config, dtype=target, param_dtype=target)

@@ -43,7 +43,7 @@ from collections.abc import Iterator
 import numpy as np
 
 from cwm_jax.config import DTYPES, FULL, SLIDING, ConfigError, CwmConfig, Llama3RopeScaling
-from cwm_jax.hf import CheckpointError, from_hf_tensor, hf_layout
+from cwm_jax.hf import CheckpointError, and_more, from_hf_tensor, hf_layout
 
 # canonical name -> native module name (spec section 2).
 NATIVE_TOP = {"embed": "tok_embeddings.weight", "final_norm": "norm.weight", "lm_head": "output.weight"}
@@ -245,11 +245,11 @@ def scan_dcp(src, config: CwmConfig) -> list[DcpTensor]:
     layout = {prefix + name: value for name, value in native_layout(config).items()}
     missing = [key for key in layout if key not in entries]
     if missing:
-        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        more = and_more(missing)
         raise CheckpointError(f"{path}: tensor {missing[0]!r}{more} missing from the checkpoint")
     unexpected = sorted(set(entries) - set(layout))
     if unexpected:
-        more = f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""
+        more = and_more(unexpected)
         raise CheckpointError(f"{path}: unexpected entry {unexpected[0]!r}{more} for this params.json")
     tensors = []
     for key, (key_path, stored_shape, shape, n_in, rope_heads) in layout.items():

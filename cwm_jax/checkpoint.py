@@ -32,7 +32,7 @@ from jax.sharding import NamedSharding, PartitionSpec, SingleDeviceSharding
 
 from cwm_jax import hf
 from cwm_jax.config import CwmConfig
-from cwm_jax.hf import CheckpointError
+from cwm_jax.hf import CheckpointError, and_more
 from cwm_jax.model import LAYER_AXES, TOP_AXES, CwmModel, layer_shapes, top_shapes
 from cwm_jax.sharding import logical_to_spec
 
@@ -193,7 +193,7 @@ def _write_params(path: epath.Path, config: CwmConfig, leaves, on_leaf, batch_by
     flush()
     missing = [key for key in expected if key not in seen]
     if missing:
-        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        more = and_more(missing)
         raise CheckpointError(f"{path}: leaf {missing[0]}{more} never given")
     ocp.partial.finalize(path)
 

@@ -47,6 +47,11 @@ class CheckpointError(ValueError):
     """A checkpoint that does not match its config; the message names the file and tensor."""
 
 
+def and_more(names) -> str:
+    """' (and N more)' after naming the first of `names` in an error message, '' when it is the only one."""
+    return f" (and {len(names) - 1} more)" if len(names) > 1 else ""
+
+
 def hf_layout(config: CwmConfig) -> dict[str, tuple[tuple[str, ...], tuple[int, ...], tuple[int, ...], int]]:
     """Every transformers tensor name -> (canonical path, transformers shape, canonical shape, input dims)."""
     out = {}
@@ -233,7 +238,7 @@ def scan_hf_checkpoint(folder: str, config: CwmConfig, dtype: str | None = None)
     files = safetensors_files(folder)
     missing = [name for name in layout if name not in files]
     if missing:
-        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        more = and_more(missing)
         raise CheckpointError(f"{folder}: tensor {missing[0]!r}{more} missing from the checkpoint")
     unexpected = sorted(set(files) - set(layout))
     if unexpected:
@@ -297,6 +302,13 @@ def read_canonical(folder: str, config: CwmConfig) -> dict:
     return canonical
 
 
+def stored_dtype(folder: str) -> str | None:
+    """The dtype config.json declares for the stored tensors ("dtype", or the older "torch_dtype"), if any."""
+    with open(os.path.join(folder, "config.json")) as f:
+        raw = json.load(f)
+    return raw.get("dtype") or raw.get("torch_dtype")
+
+
 def load_hf(path: str, dtype: str | None = None, param_dtype: str | None = None, **model_kwargs) -> CwmModel:
     """Build a CwmModel from a transformers CWM folder (config.json + one or many safetensors files).
 
@@ -305,9 +317,7 @@ def load_hf(path: str, dtype: str | None = None, param_dtype: str | None = None,
     """
     folder = path if os.path.isdir(path) else os.path.dirname(path)
     config = CwmConfig.from_hf(folder)
-    with open(os.path.join(folder, "config.json")) as f:
-        raw = json.load(f)
-    stored = raw.get("dtype") or raw.get("torch_dtype") or "float32"
+    stored = stored_dtype(folder)
     param_dtype = param_dtype or (stored if stored in ("float32", "bfloat16") else "float32")
     config = dataclasses.replace(config, dtype=dtype or param_dtype, param_dtype=param_dtype)
     return model_from_params(config, stack_layers(read_canonical(folder, config)), **model_kwargs)
