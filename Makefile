@@ -12,6 +12,9 @@ $(BIN)/python:
 
 $(STAMP): setup.py | $(BIN)/python
 	$(BIN)/pip install --quiet -e ".[test]"
+	# libtpu, so tests compile train steps for TPU topologies on this CPU: jax[tpu] pinned to the installed jax, so
+	# pip picks the matching libtpu and never moves jax.
+	$(BIN)/pip install --quiet "jax[tpu]==$$($(BIN)/python -c 'import jax; print(jax.__version__)')"
 	touch $(STAMP)
 
 demo: $(STAMP)
@@ -28,6 +31,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/compile_time.py
 	$(BIN)/python benchmarks/generate.py
 	$(BIN)/python benchmarks/convert.py
+	$(BIN)/python benchmarks/train_step.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -11,7 +11,7 @@ setup(
     version="0.1.0",
     description="CWM (Code World Model) in JAX / Flax NNX: exact decoder, conversion, inference and training on TPUs",
     python_requires=">=3.11",
-    packages=["cwm_jax", "cwm_jax.kernels", "cwm_jax.convert"],
+    packages=["cwm_jax", "cwm_jax.data", "cwm_jax.train", "cwm_jax.kernels", "cwm_jax.convert"],
     package_dir={"cwm_jax": "cwm_jax", "cwm_jax.kernels": "kernels", "cwm_jax.convert": "convert"},
     install_requires=[
         "jax>=0.10.2",
@@ -26,6 +26,11 @@ setup(
         "ml-dtypes>=0.5",
         "numpy>=2.0",
         "tqdm>=4.66",
+        # Training: Grain input pipelines over ArrayRecord / Parquet, TensorBoard event files without TensorFlow.
+        "grain>=0.2.12",
+        "array-record>=0.8",
+        "pyarrow>=18",
+        "tensorboardX>=2.6",
     ],
     extras_require={
         # torch==2.13.0: the CPU build (an unpinned torch pulls a multi-GB CUDA one); transformers has CwmForCausalLM.
@@ -38,8 +43,10 @@ setup(
             "nbclient>=0.10",
             "nbformat>=5.10",
             "ipykernel>=6.29",
+            "tensorflow-datasets>=4.9",
         ],
-        "data": ["grain>=0.2.12", "array-record>=0.8", "pyarrow>=18", "tensorflow-datasets>=4.9"],
+        # TFDS datasets as Grain sources (`tfds.data_source`; no TensorFlow needed).
+        "data": ["tensorflow-datasets>=4.9"],
         # jax[tpu] picks the libtpu that matches jax; with it a CPU host also compiles for TPU topologies.
         "tpu": ["jax[tpu]>=0.10.2"],
         "notebooks": ["jupyter", "nbformat", "nbclient", "ipykernel", "huggingface_hub"],
@@ -50,6 +57,8 @@ setup(
             "cwm-convert=cwm_jax.convert.cli:main",
             "cwm-tokenizer=cwm_jax.tokenizer_cli:main",
             "cwm-generate=cwm_jax.generate_cli:main",
+            "cwm-plan=cwm_jax.plan:main",
+            "cwm-data=cwm_jax.data.cli:main",
         ]
     },
 )

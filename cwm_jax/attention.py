@@ -14,7 +14,9 @@ v's dtype for the PV matmul (flash-attention practice); output in q's dtype.
 
 The blocked reference (impl="xla") is FlashAttention-2 in plain JAX with a custom VJP: it never builds T x T scores or
 masks, saves only the output and the per-row logsumexp, and visits only the (query block, KV block) pairs that can hold
-a visible pair, so a local layer costs O(T * W) time and O(T) memory, forward and backward.
+a visible pair, so a local layer costs O(T * W) time and O(T) memory, forward and backward. Its core works on queries
+and keys at given sequence indices (`attention_at`), so a shard of a context-parallel run (`cwm_jax.context_parallel`)
+can attend its own queries to gathered keys or to a halo of keys from its neighbours; masking always uses the indices.
 """
 
 import functools
@@ -23,6 +25,7 @@ import operator
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 IMPLS = ("xla", "dense")
@@ -39,6 +42,11 @@ def _check_inputs(q_BTNH, k_BTKH, v_BTKH, window, segment_ids_BT):
         raise ValueError(f"q {q_BTNH.shape} and k/v {k_BTKH.shape} are not a GQA self-attention pair")
     if segment_ids_BT is not None and segment_ids_BT.shape != (B, T):
         raise ValueError(f"segment_ids_BT must be [B, T] = {(B, T)}, got {segment_ids_BT.shape}")
+    return _check_window(window)
+
+
+def _check_window(window):
+    """The window as a Python int >= 1, or None."""
     if window is None:
         return None
     window = operator.index(window)
@@ -95,18 +103,38 @@ def _plan(seq_len, block_q, block_k):
     return Q, C, _round_up(seq_len, math.lcm(Q, C))
 
 
-def _kv_block_range(qi, Q, C, window, num_k_blocks):
-    """Inclusive KV block range [lo, hi] holding every key some query of query block qi can see (by position)."""
-    hi = jnp.minimum((qi * Q + Q - 1) // C, num_k_blocks - 1)
-    lo = 0 if window is None else jnp.maximum(qi * Q - window + 1, 0) // C
+# Index given to key slots past the end of an input (padding): after every query, so causality alone hides them.
+_PAD_INDEX = 2**30
+
+
+def _kv_range(q_first, q_last, k_first_n, k_last_n, window):
+    """Inclusive range [lo, hi] of the KV blocks holding a key that a query at index q_first..q_last may see.
+
+    k_first_n, k_last_n: the first and last key index of each block, nondecreasing (keys sorted by index). Counting
+    comparisons works for numpy and traced values alike.
+    """
+    hi = (k_first_n <= q_last).sum() - 1
+    lo = 0 if window is None else (k_last_n <= q_first - window).sum()
     return lo, hi
+
+
+def _q_range(k_first, k_last, q_first_n, q_last_n, window):
+    """Inclusive range [lo, hi] of the query blocks holding a query that may see a key at index k_first..k_last."""
+    lo = (q_last_n < k_first).sum()
+    hi = len(q_first_n) - 1 if window is None else (q_first_n <= k_last + window - 1).sum() - 1
+    return lo, hi
+
+
+def _kv_block_range(qi, Q, C, window, num_k_blocks):
+    """Inclusive KV block range [lo, hi] of query block qi for self-attention at indices 0..T-1."""
+    k_first_n = np.arange(num_k_blocks) * C
+    return _kv_range(qi * Q, qi * Q + Q - 1, k_first_n, k_first_n + C - 1, window)
 
 
 def _q_block_range(kj, Q, C, window, num_q_blocks):
-    """Inclusive query block range [lo, hi] holding every query that can see some key of KV block kj (by position)."""
-    lo = (kj * C) // Q
-    hi = num_q_blocks - 1 if window is None else jnp.minimum((kj * C + C - 1 + window - 1) // Q, num_q_blocks - 1)
-    return lo, hi
+    """Inclusive query block range [lo, hi] of KV block kj for self-attention at indices 0..T-1."""
+    q_first_n = np.arange(num_q_blocks) * Q
+    return _q_range(kj * C, kj * C + C - 1, q_first_n, q_first_n + Q - 1, window)
 
 
 def visited_block_pairs(seq_len: int, window: int | None, block_q: int, block_k: int) -> int:
@@ -115,39 +143,51 @@ def visited_block_pairs(seq_len: int, window: int | None, block_q: int, block_k:
     total = 0
     for qi in range(T_pad // Q):
         lo, hi = _kv_block_range(qi, Q, C, window, T_pad // C)
-        total += int(hi) - int(lo) + 1
+        total += max(int(hi) - int(lo) + 1, 0)
     return total
 
 
-def _block_scores(q_BQKGH, k_BCKH, qi, kj, seg_BT, window, Q, C):
-    """Scaled float32 scores [B, K, G, Q, C] of one block pair, invisible entries set to -inf."""
+def _slice(x, start, size):
+    """x[:, start:start + size] (dynamic start), or None for None."""
+    return None if x is None else lax.dynamic_slice_in_dim(x, start, size, axis=1)
+
+
+def _block_scores(q_BQKGH, k_BCKH, q_pos_Q, k_pos_C, seg_q_BQ, seg_k_BC, window):
+    """Scaled float32 scores [B, K, G, Q, C] of one block pair, invisible entries set to -inf.
+
+    Keys at negative indices (a halo from before the sequence start) are never visible.
+    """
     s_BKGQC = jnp.einsum("bqkgh,bckh->bkgqc", q_BQKGH, k_BCKH, preferred_element_type=jnp.float32)
     s_BKGQC = s_BKGQC * q_BQKGH.shape[-1] ** -0.5
-    q_pos_Q = qi * Q + jnp.arange(Q, dtype=jnp.int32)
-    k_pos_C = kj * C + jnp.arange(C, dtype=jnp.int32)
-    seg_q_BQ = seg_k_BC = None
-    if seg_BT is not None:
-        seg_q_BQ = lax.dynamic_slice_in_dim(seg_BT, qi * Q, Q, axis=1)
-        seg_k_BC = lax.dynamic_slice_in_dim(seg_BT, kj * C, C, axis=1)
-    vis_BQC = _visible(q_pos_Q, k_pos_C, window, seg_q_BQ, seg_k_BC)
+    vis_BQC = _visible(q_pos_Q, k_pos_C, window, seg_q_BQ, seg_k_BC) & (k_pos_C >= 0)
     return jnp.where(vis_BQC[:, None, None], s_BKGQC, -jnp.inf)
 
 
-def _blocked_forward(q_BTNH, k_BTKH, v_BTKH, seg_BT, window, Q, C):
+def _block_bounds(pos_T, size):
+    """First and last index of each block of `size` consecutive entries of the sorted indices pos_T."""
+    return pos_T[::size], pos_T[size - 1 :: size]
+
+
+def _blocked_forward(q_BTNH, k_BSKH, v_BSKH, q_pos_T, k_pos_S, seg_q_BT, seg_k_BS, window, Q, C):
     """Online-softmax forward over padded inputs; returns o [B, T, N, H] and logsumexp stacked as [n, B, K, G, Q]."""
     B, T, N, H = q_BTNH.shape
-    K = k_BTKH.shape[2]
+    K = k_BSKH.shape[2]
     G = N // K
     q_BTKGH = q_BTNH.reshape(B, T, K, G, H)
+    q_first_n, q_last_n = _block_bounds(q_pos_T, Q)
+    k_first_n, k_last_n = _block_bounds(k_pos_S, C)
 
     def q_block(qi):
         q_BQKGH = lax.dynamic_slice_in_dim(q_BTKGH, qi * Q, Q, axis=1)
+        q_pos_Q = lax.dynamic_slice_in_dim(q_pos_T, qi * Q, Q)
+        seg_q_BQ = _slice(seg_q_BT, qi * Q, Q)
 
         def kv_step(kj, carry):
             m_BKGQ, l_BKGQ, acc_BKGQH = carry
-            k_BCKH = lax.dynamic_slice_in_dim(k_BTKH, kj * C, C, axis=1)
-            v_BCKH = lax.dynamic_slice_in_dim(v_BTKH, kj * C, C, axis=1)
-            s_BKGQC = _block_scores(q_BQKGH, k_BCKH, qi, kj, seg_BT, window, Q, C)
+            k_BCKH = lax.dynamic_slice_in_dim(k_BSKH, kj * C, C, axis=1)
+            v_BCKH = lax.dynamic_slice_in_dim(v_BSKH, kj * C, C, axis=1)
+            k_pos_C = lax.dynamic_slice_in_dim(k_pos_S, kj * C, C)
+            s_BKGQC = _block_scores(q_BQKGH, k_BCKH, q_pos_Q, k_pos_C, seg_q_BQ, _slice(seg_k_BS, kj * C, C), window)
             m_new_BKGQ = jnp.maximum(m_BKGQ, s_BKGQC.max(axis=-1))
             # A row with nothing visible yet has max -inf; subtracting 0 instead keeps exp(-inf - 0) = 0, not NaN.
             m_safe_BKGQ = jnp.where(m_new_BKGQ == -jnp.inf, 0.0, m_new_BKGQ)
@@ -164,7 +204,8 @@ def _blocked_forward(q_BTNH, k_BTKH, v_BTKH, seg_BT, window, Q, C):
             jnp.zeros((B, K, G, Q), jnp.float32),
             jnp.zeros((B, K, G, Q, H), jnp.float32),
         )
-        lo, hi = _kv_block_range(qi, Q, C, window, T // C)
+        # Traced loop bounds: the indices may be known only at run time (a shard's offset in context parallelism).
+        lo, hi = _kv_range(q_first_n[qi], q_last_n[qi], k_first_n, k_last_n, window)
         m_BKGQ, l_BKGQ, acc_BKGQH = lax.fori_loop(lo, hi + 1, kv_step, init)
         # Rows never fully masked here (each sees itself), but guard l == 0 so a bad row gives 0, not NaN.
         l_safe_BKGQ = jnp.where(l_BKGQ == 0.0, 1.0, l_BKGQ)
@@ -176,34 +217,39 @@ def _blocked_forward(q_BTNH, k_BTKH, v_BTKH, seg_BT, window, Q, C):
     return jnp.moveaxis(o_nBQKGH, 0, 1).reshape(B, T, N, H), lse_nBKGQ
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
-def _attention_blocked(q_BTNH, k_BTKH, v_BTKH, seg_BT, window, Q, C):
-    """Blocked attention on inputs already padded to a multiple of Q and C (T_pad % Q == T_pad % C == 0)."""
-    return _blocked_forward(q_BTNH, k_BTKH, v_BTKH, seg_BT, window, Q, C)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9))
+def _attention_core(q_BTNH, k_BSKH, v_BSKH, q_pos_T, k_pos_S, seg_q_BT, seg_k_BS, window, Q, C):
+    """Blocked attention on padded inputs (T % Q == S % C == 0) with query and key indices sorted ascending."""
+    return _blocked_forward(q_BTNH, k_BSKH, v_BSKH, q_pos_T, k_pos_S, seg_q_BT, seg_k_BS, window, Q, C)[0]
 
 
-def _attention_blocked_fwd(q_BTNH, k_BTKH, v_BTKH, seg_BT, window, Q, C):
-    o_BTNH, lse_nBKGQ = _blocked_forward(q_BTNH, k_BTKH, v_BTKH, seg_BT, window, Q, C)
+def _attention_core_fwd(q_BTNH, k_BSKH, v_BSKH, q_pos_T, k_pos_S, seg_q_BT, seg_k_BS, window, Q, C):
+    o_BTNH, lse_nBKGQ = _blocked_forward(q_BTNH, k_BSKH, v_BSKH, q_pos_T, k_pos_S, seg_q_BT, seg_k_BS, window, Q, C)
     # O(T) residuals: inputs, output and per-row logsumexp; probabilities are recomputed per block in the backward.
-    return o_BTNH, (q_BTNH, k_BTKH, v_BTKH, seg_BT, o_BTNH, lse_nBKGQ)
+    return o_BTNH, (q_BTNH, k_BSKH, v_BSKH, q_pos_T, k_pos_S, seg_q_BT, seg_k_BS, o_BTNH, lse_nBKGQ)
 
 
-def _attention_blocked_bwd(window, Q, C, res, do_BTNH):
-    q_BTNH, k_BTKH, v_BTKH, seg_BT, o_BTNH, lse_nBKGQ = res
+def _attention_core_bwd(window, Q, C, res, do_BTNH):
+    q_BTNH, k_BSKH, v_BSKH, q_pos_T, k_pos_S, seg_q_BT, seg_k_BS, o_BTNH, lse_nBKGQ = res
     B, T, N, H = q_BTNH.shape
-    K = k_BTKH.shape[2]
+    S, K = k_BSKH.shape[1:3]
     G = N // K
-    nq, nk = T // Q, T // C
+    nq, nk = T // Q, S // C
     scale = H**-0.5
     q_BTKGH = q_BTNH.reshape(B, T, K, G, H)
     do_BTKGH = do_BTNH.reshape(B, T, K, G, H)
+    q_first_n, q_last_n = _block_bounds(q_pos_T, Q)
+    k_first_n, k_last_n = _block_bounds(k_pos_S, C)
     # D_i = rowsum(dO_i * O_i) = sum_j P_ij dP_ij, the softmax-Jacobian correction term.
     d_BTKG = jnp.sum(do_BTKGH.astype(jnp.float32) * o_BTNH.reshape(B, T, K, G, H).astype(jnp.float32), axis=-1)
     d_nBKGQ = jnp.transpose(d_BTKG.reshape(B, nq, Q, K, G), (1, 0, 3, 4, 2))
 
     def probs_and_ds(qi, kj, q_BQKGH, do_BQKGH, k_BCKH, v_BCKH):
         """Recomputed probabilities P and score gradient dS = P * (dP - D) of one block pair, both [B, K, G, Q, C]."""
-        s_BKGQC = _block_scores(q_BQKGH, k_BCKH, qi, kj, seg_BT, window, Q, C)
+        q_pos_Q = lax.dynamic_slice_in_dim(q_pos_T, qi * Q, Q)
+        k_pos_C = lax.dynamic_slice_in_dim(k_pos_S, kj * C, C)
+        seg_q_BQ, seg_k_BC = _slice(seg_q_BT, qi * Q, Q), _slice(seg_k_BS, kj * C, C)
+        s_BKGQC = _block_scores(q_BQKGH, k_BCKH, q_pos_Q, k_pos_C, seg_q_BQ, seg_k_BC, window)
         lse_BKGQ = lax.dynamic_index_in_dim(lse_nBKGQ, qi, keepdims=False)
         d_BKGQ = lax.dynamic_index_in_dim(d_nBKGQ, qi, keepdims=False)
         p_BKGQC = jnp.exp(s_BKGQC - lse_BKGQ[..., None])
@@ -215,20 +261,20 @@ def _attention_blocked_bwd(window, Q, C, res, do_BTNH):
         do_BQKGH = lax.dynamic_slice_in_dim(do_BTKGH, qi * Q, Q, axis=1)
 
         def kv_step(kj, dq_BQKGH):
-            k_BCKH = lax.dynamic_slice_in_dim(k_BTKH, kj * C, C, axis=1)
-            v_BCKH = lax.dynamic_slice_in_dim(v_BTKH, kj * C, C, axis=1)
+            k_BCKH = lax.dynamic_slice_in_dim(k_BSKH, kj * C, C, axis=1)
+            v_BCKH = lax.dynamic_slice_in_dim(v_BSKH, kj * C, C, axis=1)
             _, ds_BKGQC = probs_and_ds(qi, kj, q_BQKGH, do_BQKGH, k_BCKH, v_BCKH)
             return dq_BQKGH + jnp.einsum(
                 "bkgqc,bckh->bqkgh", ds_BKGQC.astype(k_BCKH.dtype), k_BCKH, preferred_element_type=jnp.float32
             )
 
-        lo, hi = _kv_block_range(qi, Q, C, window, nk)
+        lo, hi = _kv_range(q_first_n[qi], q_last_n[qi], k_first_n, k_last_n, window)
         dq_BQKGH = lax.fori_loop(lo, hi + 1, kv_step, jnp.zeros((B, Q, K, G, H), jnp.float32))
         return (dq_BQKGH * scale).astype(q_BTNH.dtype)
 
     def dkv_block(kj):
-        k_BCKH = lax.dynamic_slice_in_dim(k_BTKH, kj * C, C, axis=1)
-        v_BCKH = lax.dynamic_slice_in_dim(v_BTKH, kj * C, C, axis=1)
+        k_BCKH = lax.dynamic_slice_in_dim(k_BSKH, kj * C, C, axis=1)
+        v_BCKH = lax.dynamic_slice_in_dim(v_BSKH, kj * C, C, axis=1)
 
         def q_step(qi, carry):
             dk_BCKH, dv_BCKH = carry
@@ -245,20 +291,77 @@ def _attention_blocked_bwd(window, Q, C, res, do_BTNH):
             return dk_BCKH, dv_BCKH
 
         zeros_BCKH = jnp.zeros((B, C, K, H), jnp.float32)
-        lo, hi = _q_block_range(kj, Q, C, window, nq)
+        lo, hi = _q_range(k_first_n[kj], k_last_n[kj], q_first_n, q_last_n, window)
         dk_BCKH, dv_BCKH = lax.fori_loop(lo, hi + 1, q_step, (zeros_BCKH, zeros_BCKH))
-        return (dk_BCKH * scale).astype(k_BTKH.dtype), dv_BCKH.astype(v_BTKH.dtype)
+        return (dk_BCKH * scale).astype(k_BSKH.dtype), dv_BCKH.astype(v_BSKH.dtype)
 
     dq_nBQKGH = lax.map(dq_block, jnp.arange(nq, dtype=jnp.int32))
     dk_nBCKH, dv_nBCKH = lax.map(dkv_block, jnp.arange(nk, dtype=jnp.int32))
     dq_BTNH = jnp.moveaxis(dq_nBQKGH, 0, 1).reshape(B, T, N, H)
-    dk_BTKH = jnp.moveaxis(dk_nBCKH, 0, 1).reshape(B, T, K, H)
-    dv_BTKH = jnp.moveaxis(dv_nBCKH, 0, 1).reshape(B, T, K, H)
-    # Segment ids are integer labels: no cotangent.
-    return dq_BTNH, dk_BTKH, dv_BTKH, None
+    dk_BSKH = jnp.moveaxis(dk_nBCKH, 0, 1).reshape(B, S, K, H)
+    dv_BSKH = jnp.moveaxis(dv_nBCKH, 0, 1).reshape(B, S, K, H)
+    # Indices and segment ids are integer labels: no cotangent.
+    return dq_BTNH, dk_BSKH, dv_BSKH, None, None, None, None
 
 
-_attention_blocked.defvjp(_attention_blocked_fwd, _attention_blocked_bwd)
+_attention_core.defvjp(_attention_core_fwd, _attention_core_bwd)
+
+
+def _attention_blocked(q_BTNH, k_BTKH, v_BTKH, seg_BT, window, Q, C):
+    """Blocked self-attention at indices 0..T-1 on inputs already padded to a multiple of Q and C."""
+    pos_T = jnp.arange(q_BTNH.shape[1], dtype=jnp.int32)
+    return _attention_core(q_BTNH, k_BTKH, v_BTKH, pos_T, pos_T, seg_BT, seg_BT, window, Q, C)
+
+
+def attention_at(
+    q_BTNH,
+    k_BSKH,
+    v_BSKH,
+    q_pos_T,
+    k_pos_S,
+    *,
+    window: int | None = None,
+    q_segment_ids_BT=None,
+    k_segment_ids_BS=None,
+    block_q: int = 512,
+    block_k: int = 512,
+):
+    """Blocked GQA attention of queries at sequence indices q_pos_T to keys at indices k_pos_S -> [B, T, N, H].
+
+    q_BTNH [B, T, N, H], k_BSKH and v_BSKH [B, S, K, H]; q_pos_T int [T] and k_pos_S int [S], each sorted ascending
+    (they may be traced). Query i sees key j by the visibility rule of this module applied to their indices, and never
+    a key at a negative index (halo slots before the sequence start). Every query must see at least one key.
+    q_segment_ids_BT [B, T] and k_segment_ids_BS [B, S]: both or neither. Block sizes are clamped to T and S.
+    """
+    window = _check_window(window)
+    B, T, N, H = q_BTNH.shape
+    S = k_BSKH.shape[1]
+    if k_BSKH.shape != v_BSKH.shape or k_BSKH.shape[::3] != (B, H) or N % k_BSKH.shape[2]:
+        raise ValueError(f"want q [B, T, N, H] and k, v [B, S, K, H] with K | N; got {q_BTNH.shape}, {k_BSKH.shape}")
+    if q_pos_T.shape != (T,) or k_pos_S.shape != (S,):
+        raise ValueError(f"want q_pos_T [{T}] and k_pos_S [{S}]; got {q_pos_T.shape} and {k_pos_S.shape}")
+    if (q_segment_ids_BT is None) != (k_segment_ids_BS is None):
+        raise ValueError("give both q_segment_ids_BT and k_segment_ids_BS, or neither")
+    if q_segment_ids_BT is not None and (q_segment_ids_BT.shape != (B, T) or k_segment_ids_BS.shape != (B, S)):
+        raise ValueError(
+            f"segment ids must be [B, T] and [B, S]; got {q_segment_ids_BT.shape}, {k_segment_ids_BS.shape}"
+        )
+    if block_q < 1 or block_k < 1:
+        raise ValueError(f"block sizes must be >= 1, got block_q={block_q}, block_k={block_k}")
+    Q, C = min(block_q, T), min(block_k, S)
+    pad_q, pad_k = _round_up(T, Q) - T, _round_up(S, C) - S
+    q_pos_T, k_pos_S = jnp.asarray(q_pos_T, jnp.int32), jnp.asarray(k_pos_S, jnp.int32)
+    # Padded queries repeat the last index (keeps the order; their rows are sliced off); padded keys sit at an index
+    # after every query, so causality hides them.
+    q_BTNH = jnp.pad(q_BTNH, ((0, 0), (0, pad_q), (0, 0), (0, 0)))
+    q_pos_T = jnp.pad(q_pos_T, (0, pad_q), mode="edge")
+    k_BSKH, v_BSKH = (jnp.pad(x, ((0, 0), (0, pad_k), (0, 0), (0, 0))) for x in (k_BSKH, v_BSKH))
+    k_pos_S = jnp.pad(k_pos_S, (0, pad_k), constant_values=_PAD_INDEX)
+    if q_segment_ids_BT is not None:
+        q_segment_ids_BT = jnp.pad(q_segment_ids_BT, ((0, 0), (0, pad_q)), mode="edge")
+        k_segment_ids_BS = jnp.pad(k_segment_ids_BS, ((0, 0), (0, pad_k)), mode="edge")
+    o_BTNH = _attention_core(q_BTNH, k_BSKH, v_BSKH, q_pos_T, k_pos_S, q_segment_ids_BT, k_segment_ids_BS, window, Q, C)
+    return o_BTNH[:, :T]
 
 
 def attention(

@@ -9,12 +9,14 @@ Shapes: B batch, T positions, D hidden, N query heads, K KV heads, H head dim, F
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from cwm_jax import attention as attn_lib
-from cwm_jax import sharding
+from cwm_jax import context_parallel, sharding
 from cwm_jax.config import CwmConfig
 
 # Logical axes of every parameter, per layer (the stacked tree adds "layers" in front).
@@ -100,13 +102,20 @@ class CwmModel(nnx.Module):
         attention_impl: str = "xla",
         block_size: int = 512,
         remat: str = "none",
+        sequence_layout: str = "natural",
     ):
+        """sequence_layout: order of the tokens along T under a mesh whose `sequence` axis has size n > 1 (context
+        parallelism, `cwm_jax.context_parallel`): "natural", or "zigzag" when the caller has permuted tokens,
+        positions and segment ids with `context_parallel.to_zigzag`. Without such a mesh it must be "natural".
+        """
         if remat not in REMAT_POLICIES:
             raise ValueError(f"remat is {remat!r}; expected one of {sorted(REMAT_POLICIES)}")
+        context_parallel.check_layout(sequence_layout)
         self.config = config
         self.attention_impl = attention_impl
         self.block_size = block_size
         self.remat = remat
+        self.sequence_layout = sequence_layout
         pdtype = jnp.dtype(config.param_dtype)
         normal = jax.nn.initializers.normal(0.02)
         L = config.num_layers
@@ -132,13 +141,19 @@ class CwmModel(nnx.Module):
         """Token ids [B, T] -> fp32 logits [B, T, V], or the final (normed) hidden states [B, T, D] on request.
 
         positions [B, T] default to 0..T-1 (RoPE only; masking is by index); segment_ids [B, T] restrict attention
-        to tokens of the same segment (packed documents).
+        to tokens of the same segment (packed documents). With sequence_layout="zigzag" every input, the default
+        positions and the output are in zigzag order.
         """
         c = self.config
         dtype = jnp.dtype(c.dtype)
         B, T = tokens_BT.shape
+        n = context_parallel.sequence_axis_size()
+        context_parallel.check_layout(self.sequence_layout, n)
         if positions_BT is None:
-            positions_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+            pos_T = jnp.arange(T, dtype=jnp.int32)
+            if self.sequence_layout == "zigzag":
+                pos_T = context_parallel.to_zigzag(pos_T, n, axis=0)
+            positions_BT = jnp.broadcast_to(pos_T, (B, T))
         x_BTD = self.embed_tokens(tokens_BT)
         cos_BTH, sin_BTH = rope_cos_sin(positions_BT, c.rope_inv_freq(), dtype)
         is_global_L = jnp.asarray(c.is_global)
@@ -172,15 +187,22 @@ class CwmModel(nnx.Module):
 
     def _attend(self, q_BTNH, k_BTKH, v_BTKH, is_global, segment_ids_BT):
         c = self.config
+        n = context_parallel.sequence_axis_size()
+        # Context parallelism when T is sharded over `sequence`, always with the blocked kernel (the dense oracle's
+        # T x T scores are what it avoids); a natural-order T that the axis does not divide stays replicated along T
+        # (as `sharding.constrain` leaves it), so GSPMD runs the plain kernel.
+        if n > 1 and (self.sequence_layout == "zigzag" or q_BTNH.shape[1] % n == 0):
+            attend = functools.partial(context_parallel.context_parallel_attention, layout=self.sequence_layout)
+        else:
+            attend = functools.partial(attn_lib.attention, impl=self.attention_impl)
 
         def run(window):
-            return attn_lib.attention(
+            return attend(
                 q_BTNH,
                 k_BTKH,
                 v_BTKH,
                 window=window,
                 segment_ids_BT=segment_ids_BT,
-                impl=self.attention_impl,
                 block_q=self.block_size,
                 block_k=self.block_size,
             )

@@ -217,6 +217,37 @@ class _TiktokenTokenizer(Tokenizer):
         return self._enc.decode_single_token_bytes(token_id)
 
 
+class ByteTokenizer(Tokenizer):
+    """UTF-8 bytes as ids 0..255, then the 256 CWM specials (256 + k): 512 ids, `cwm_tiny`'s vocabulary.
+
+    For tiny models and CPU runs: nothing to train or download, every text round-trips, and the chat and trace
+    formats keep their special tokens. `load_tokenizer("byte")` returns it.
+    """
+
+    _byte_stream = True
+
+    def __init__(self):
+        specials = cwm_special_tokens(offset=256)
+        super().__init__(
+            source="byte",
+            vocab_size=256 + len(specials),
+            special_ids=specials,
+            bos_id=specials["<|begin_of_text|>"],
+            eos_id=specials["<|end_of_text|>"],
+            pad_id=specials["<|pad|>"],
+        )
+        self._names = {i: name for name, i in specials.items()}
+
+    def _encode(self, text):
+        return list(text.encode("utf-8"))
+
+    def _decode(self, ids):
+        return b"".join(self._token_bytes(i) for i in ids).decode("utf-8", errors="replace")
+
+    def _token_bytes(self, token_id):
+        return bytes([token_id]) if token_id < 256 else self._names[token_id].encode()
+
+
 def _parse_ranks(path: Path, data: bytes) -> dict[bytes, int]:
     # Parsed here rather than with tiktoken.load.load_tiktoken_bpe: that one caches files by path name in
     # $TMPDIR/data-gym-cache, so a changed file at the same path would silently load its stale copy.
@@ -459,12 +490,14 @@ def _is_ranks_file(data: bytes) -> bool:
 
 
 def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
-    """A tokenizer from a file or a folder.
+    """A tokenizer from a file or a folder, or the `ByteTokenizer` for the name "byte".
 
     A file is a tiktoken ranks file (recognised by its first line), a `*.json` transformers tokenizer, or else a
     SentencePiece model. A folder is searched for, in order: `tokenizer.model` that is a ranks file, `tokenizer.json`,
     then a SentencePiece `tokenizer.model`, `spm.model` or other `*.model`. Anything else raises TokenizerError.
     """
+    if str(path) == "byte":
+        return ByteTokenizer()
     path = Path(path)
     if path.is_dir():
         return _load_from_folder(path)

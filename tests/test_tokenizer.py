@@ -392,3 +392,16 @@ def test_cwm_tokenizer_cli_trains_and_encodes(tmp_path, capsys):
         tokenizer_cli.main(["train", str(tmp_path / "missing.txt"), "--out", str(prefix), "--vocab-size", "300"]) == 2
     )
     assert "missing.txt: corpus file not found" in capsys.readouterr().err
+
+
+def test_byte_tokenizer_round_trips_and_keeps_specials():
+    tok = load_tokenizer("byte")
+    text = "def f(x):\n    return x + 'é€'\n"
+    ids = tok.encode(text, bos=True, eos=True)
+    assert ids[1:-1] == list(text.encode("utf-8"))
+    assert tok.vocab_size == 512 and ids[0] == tok.bos_id == 256 and ids[-1] == tok.eos_id == 257
+    assert tok.decode(ids[1:-1]) == text
+    assert tok.encode("<|eot_id|>") == list(b"<|eot_id|>")
+    assert tok.decode([tok.encode_special("<|eot_id|>")]) == "<|eot_id|>"
+    stream = tok.stream_decoder()
+    assert "".join(stream.push(i) for i in ids[1:-1]) + stream.flush() == text

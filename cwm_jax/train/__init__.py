@@ -1,0 +1,1 @@
+"""Training: the run config, optimizer, jitted train step and the training loop behind `train.py`."""
