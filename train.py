@@ -36,10 +36,12 @@ def main(argv):
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S", force=True)
     for noisy in ("absl", "orbax", "jax._src", "grain"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    _distributed_init()
     from cwm_jax.config import ConfigError
     from cwm_jax.data import DataError
-    from cwm_jax.train.loop import TrainingError, train
+    from cwm_jax.train.loop import TrainingError, skip_absent_accelerators, train
+
+    skip_absent_accelerators()
+    _distributed_init()
 
     try:
         train(_CONFIG.value, _WORKDIR.value, max_steps=_MAX_STEPS.value)

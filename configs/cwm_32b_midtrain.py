@@ -20,6 +20,9 @@ Chosen here, and why:
   10%, the usual way to extend context without forgetting; b2, weight decay and clipping as in pre-training.
 - mixture: traces 0.4, agentic 0.3, code 0.3 (placeholders: point the paths at your own ArrayRecord shards).
 
+Data paths are placeholders for ArrayRecord shards written by `cwm-data build`, read through a gcsfuse mount
+of the bucket (`/gcs/YOUR_BUCKET`, as MaxText's Grain pipeline does): Grain reads local paths.
+
     cwm-plan --config configs/cwm_32b_midtrain.py [--compile]
     python train.py --config configs/cwm_32b_midtrain.py --workdir gs://YOUR_BUCKET/runs/cwm_32b_midtrain
 """
@@ -59,17 +62,17 @@ def get_config() -> ml_collections.ConfigDict:
     c.data = default_data_config()
     c.data.sources = [
         # Execution traces (the release's Python memory traces) as trace records.
-        _source("traces", "gs://YOUR_BUCKET/midtrain/traces/*.arrayrecord", "trace", "trace", 0.4),
-        # Agentic trajectories (ForagerAgent-style) as chat transcripts; the loss covers every token here.
-        _source("agentic", "gs://YOUR_BUCKET/midtrain/agentic/*.arrayrecord", "chat", "messages", 0.3),
+        _source("traces", "/gcs/YOUR_BUCKET/midtrain/traces/*.array_record", "trace", "trace", 0.4),
+        # Agentic trajectories (ForagerAgent-style) as chat transcripts; the loss covers the agent's (assistant) turns.
+        _source("agentic", "/gcs/YOUR_BUCKET/midtrain/agentic/*.array_record", "chat", "messages", 0.3),
         # Code and PR-derived text, continuing the pre-training distribution.
-        _source("code", "gs://YOUR_BUCKET/midtrain/code/*.arrayrecord", "text", "text", 0.3),
+        _source("code", "/gcs/YOUR_BUCKET/midtrain/code/*.array_record", "text", "text", 0.3),
     ]
     c.data.num_workers = 8
     c.eval.every = 2000
     c.eval.data = default_data_config()
     c.eval.data.sources = [
-        _source("traces_eval", "gs://YOUR_BUCKET/midtrain/eval/*.arrayrecord", "trace", "trace", 1.0)
+        _source("traces_eval", "/gcs/YOUR_BUCKET/midtrain/eval/*.array_record", "trace", "trace", 1.0)
     ]
     c.checkpoint.every = 500
     c.checkpoint.keep = 3

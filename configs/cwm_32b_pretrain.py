@@ -17,6 +17,9 @@ Chosen here, and why:
 - optimizer: AdamW lr 3e-4 (peak), b1 0.9, b2 0.95, weight decay 0.1, clip 1.0, 2000 warmup steps, cosine to 10%:
   Llama 2 / 3 values for models of this size.
 
+Data paths are placeholders for ArrayRecord shards written by `cwm-data build`, read through a gcsfuse mount
+of the bucket (`/gcs/YOUR_BUCKET`, as MaxText's Grain pipeline does): Grain reads local paths.
+
     cwm-plan --config configs/cwm_32b_pretrain.py [--compile]
     python train.py --config configs/cwm_32b_pretrain.py --workdir gs://YOUR_BUCKET/runs/cwm_32b_pretrain
 """
@@ -53,7 +56,7 @@ def get_config() -> ml_collections.ConfigDict:
             dict(
                 name="code",
                 kind="arrayrecord",
-                path="gs://YOUR_BUCKET/pretrain/code/*.arrayrecord",
+                path="/gcs/YOUR_BUCKET/pretrain/code/*.array_record",
                 format="text",
                 field="text",
                 weight=0.7,
@@ -63,7 +66,7 @@ def get_config() -> ml_collections.ConfigDict:
             dict(
                 name="general",
                 kind="arrayrecord",
-                path="gs://YOUR_BUCKET/pretrain/general/*.arrayrecord",
+                path="/gcs/YOUR_BUCKET/pretrain/general/*.array_record",
                 format="text",
                 field="text",
                 weight=0.3,
@@ -78,7 +81,7 @@ def get_config() -> ml_collections.ConfigDict:
             dict(
                 name="code_eval",
                 kind="arrayrecord",
-                path="gs://YOUR_BUCKET/pretrain/eval/*.arrayrecord",
+                path="/gcs/YOUR_BUCKET/pretrain/eval/*.array_record",
                 format="text",
                 field="text",
                 weight=1.0,

@@ -20,6 +20,9 @@ Chosen here, and why:
 - optimizer: AdamW lr 1e-5 (peak), 500 warmup steps, cosine to 10%, weight decay 0.1, clip 1.0: common SFT values
   for a model of this size.
 
+Data paths are placeholders for ArrayRecord shards written by `cwm-data build`, read through a gcsfuse mount
+of the bucket (`/gcs/YOUR_BUCKET`, as MaxText's Grain pipeline does): Grain reads local paths.
+
     cwm-plan --config configs/cwm_32b_sft.py [--compile]
     python train.py --config configs/cwm_32b_sft.py --workdir gs://YOUR_BUCKET/runs/cwm_32b_sft
 """
@@ -58,13 +61,13 @@ def get_config() -> ml_collections.ConfigDict:
     c.tokenizer = "/data/cwm/tokenizer.model"  # placeholder: the release's tiktoken ranks file
     c.data = default_data_config()
     c.data.sources = [
-        _chat("reasoning", "gs://YOUR_BUCKET/sft/reasoning/*.arrayrecord", 0.6),
-        _chat("instructions", "gs://YOUR_BUCKET/sft/instructions/*.arrayrecord", 0.4),
+        _chat("reasoning", "/gcs/YOUR_BUCKET/sft/reasoning/*.array_record", 0.6),
+        _chat("instructions", "/gcs/YOUR_BUCKET/sft/instructions/*.array_record", 0.4),
     ]
     c.data.num_workers = 8
     c.eval.every = 500
     c.eval.data = default_data_config()
-    c.eval.data.sources = [_chat("sft_eval", "gs://YOUR_BUCKET/sft/eval/*.arrayrecord", 1.0)]
+    c.eval.data.sources = [_chat("sft_eval", "/gcs/YOUR_BUCKET/sft/eval/*.array_record", 1.0)]
     c.checkpoint.every = 500
     c.checkpoint.keep = 3
     c.log_every = 10

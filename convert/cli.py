@@ -3,6 +3,7 @@
     cwm-convert hf-to-orbax SRC DST [--dtype bfloat16|float32] [--overwrite]
     cwm-convert orbax-to-hf SRC DST [--max-shard-size 5GB] [--overwrite]
     cwm-convert dcp-to-orbax SRC DST [--dtype bfloat16|float32] [--overwrite]
+    cwm-convert train-to-orbax WORKDIR DST [--step N] [--dtype bfloat16|float32] [--overwrite]
 
 Each reads one tensor at a time, so host memory stays a small multiple of the largest tensor; the output appears only
 when complete. Known errors print one line on stderr and exit with status 2.
@@ -139,6 +140,23 @@ def dcp_to_orbax(src: str, dst: str, dtype: str | None = None, overwrite: bool =
     return progress.summary(dst)
 
 
+def train_to_orbax(
+    src: str, dst: str, dtype: str | None = None, step: int | None = None, overwrite: bool = False, quiet: bool = False
+) -> str:
+    """A training workdir's trained model (latest step, or `step`) -> a converted checkpoint; returns the summary."""
+    from cwm_jax import hf
+    from cwm_jax.train import export
+    from cwm_jax.train.config import model_config
+
+    run = export.run_config_of(src, step)
+    config = model_config(run)
+    itemsize = np.dtype(hf.numpy_dtype(dtype or run.dtype)).itemsize
+    total = sum(int(np.prod(shape)) for _, shape, _, _ in hf.hf_layout(config).values())
+    progress = Progress(total * itemsize, "train-to-orbax", quiet)
+    export.export(src, dst, step=step, dtype=dtype, overwrite=overwrite, on_leaf=lambda path, n: progress.update(n))
+    return progress.summary(dst)
+
+
 def orbax_to_hf(
     src: str, dst: str, max_shard_size: int = 5 * 10**9, overwrite: bool = False, quiet: bool = False
 ) -> str:
@@ -173,6 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("hf-to-orbax", "transformers folder (config.json + safetensors) -> Orbax checkpoint"),
         ("dcp-to-orbax", "native release folder (params.json + *.distcp) -> Orbax checkpoint"),
         ("orbax-to-hf", "Orbax checkpoint -> transformers folder (sharded safetensors + index + config.json)"),
+        ("train-to-orbax", "training workdir (train.py --workdir) -> Orbax checkpoint of its trained model"),
     ):
         p = sub.add_parser(name, help=help_text, description=help_text)
         p.add_argument("src")
@@ -181,6 +200,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--quiet", action="store_true", help="no progress bar")
         if name.endswith("to-orbax"):
             p.add_argument("--dtype", choices=DTYPES, help="stored dtype (default: the source's, bfloat16 if unknown)")
+        if name == "train-to-orbax":
+            p.add_argument("--step", type=int, help="training step to export (default: the latest complete one)")
         else:
             p.add_argument("--max-shard-size", type=parse_size, default="5GB", help="largest safetensors file")
     return parser
@@ -199,6 +220,8 @@ def main(argv: list[str] | None = None) -> int:
             line = hf_to_orbax(args.src, args.dst, args.dtype, args.overwrite, args.quiet)
         elif args.command == "dcp-to-orbax":
             line = dcp_to_orbax(args.src, args.dst, args.dtype, args.overwrite, args.quiet)
+        elif args.command == "train-to-orbax":
+            line = train_to_orbax(args.src, args.dst, args.dtype, args.step, args.overwrite, args.quiet)
         else:
             line = orbax_to_hf(args.src, args.dst, args.max_shard_size, args.overwrite, args.quiet)
     except (ConfigError, CheckpointError, ConvertError, FileExistsError, FileNotFoundError, NotADirectoryError) as e:

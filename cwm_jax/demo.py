@@ -69,6 +69,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seq-len", type=int, default=96, help="parity tokens per sequence (window is 16)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    from cwm_jax.train.loop import skip_absent_accelerators
+
+    skip_absent_accelerators()
     if not args.skip_parity:
         status = parity(args)
         if status:

@@ -493,7 +493,8 @@ def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
     """A tokenizer from a file or a folder, or the `ByteTokenizer` for the name "byte".
 
     A file is a tiktoken ranks file (recognised by its first line), a `*.json` transformers tokenizer, or else a
-    SentencePiece model. A folder is searched for, in order: `tokenizer.model` that is a ranks file, `tokenizer.json`,
+    SentencePiece model. A folder is searched for, in order: `tokenizer.byte` (the ByteTokenizer's marker),
+    `tokenizer.model` that is a ranks file, `tokenizer.json`,
     then a SentencePiece `tokenizer.model`, `spm.model` or other `*.model`. Anything else raises TokenizerError.
     """
     if str(path) == "byte":
@@ -515,6 +516,8 @@ def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
 
 
 def _load_from_folder(folder: Path) -> Tokenizer:
+    if (folder / "tokenizer.byte").is_file():  # a trained tiny model's export (cwm_jax.train.export)
+        return ByteTokenizer()
     native = folder / "tokenizer.model"
     if native.is_file():
         data = native.read_bytes()

@@ -258,3 +258,13 @@ def test_init_from_a_converted_checkpoint(tmp_path):
         r"num_layers=2",
     ):
         _initial_params(other, Trainer(other, run_config.model_config(other), mesh_of()))
+
+
+def test_peak_flops_by_device_kind():
+    from types import SimpleNamespace
+
+    from cwm_jax.train.loop import peak_flops
+
+    kinds = {"TPU v5 lite": 197e12, "TPU v5p": 459e12, "TPU v4": 275e12, "TPU v6 lite": 918e12, "cpu": None}
+    for kind, peak in kinds.items():
+        assert peak_flops(SimpleNamespace(device_kind=kind)) == peak

@@ -244,3 +244,30 @@ def test_sigterm_saves_the_current_step_and_exits(config_file, tmp_path):
         saved = manager.latest_step()
     assert saved is not None and 2 <= saved < 1000  # the step it stopped at, not a scheduled save
     assert f"SIGTERM: saving step {saved}" in "".join(lines)
+
+
+def test_export_to_a_converted_checkpoint_and_init_from_a_workdir(reference_run, run_dir, config_file, tmp_path):
+    from cwm_jax import checkpoint, hf
+    from cwm_jax.convert.cli import main as convert_main
+    from cwm_jax.sharding import make_mesh
+    from cwm_jax.tokenizer import ByteTokenizer, load_tokenizer
+    from cwm_jax.train.config import model_config
+    from cwm_jax.train.step import Trainer
+
+    _, final = reference_run
+    workdir = run_dir / "reference"
+    assert convert_main(["train-to-orbax", str(workdir), str(tmp_path / "export"), "--quiet"]) == 0
+    assert isinstance(load_tokenizer(tmp_path / "export"), ByteTokenizer)
+    exported = hf.model_params(checkpoint.load(tmp_path / "export"))
+    for a, b in zip(jax.tree.leaves(exported), jax.tree.leaves(final), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), b)
+    assert convert_main(["train-to-orbax", str(workdir), str(tmp_path / "export")]) == 2  # exists, no --overwrite
+    assert convert_main(["train-to-orbax", str(tmp_path / "nothing"), str(tmp_path / "x")]) == 2
+
+    cfg = _load_config(config_file)
+    cfg.init_from = str(workdir)
+    trainer = Trainer(cfg, model_config(cfg), make_mesh(fsdp=4, tensor=2))
+    params = loop._initial_params(cfg, trainer)
+    assert params["layers"]["q"].sharding == trainer.param_shardings["layers"]["q"]
+    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(final), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), b)

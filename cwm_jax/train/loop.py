@@ -8,38 +8,39 @@ parameters, same data order). SIGTERM (a TPU maintenance event) saves the curren
 
 from __future__ import annotations
 
+import glob
 import json
 import logging
+import os
 import signal
 import time
-from pathlib import Path
 
 import grain
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 
 from cwm_jax import sharding
 from cwm_jax.config import ConfigError, flops_per_token
 from cwm_jax.data import make_iterator
 from cwm_jax.tokenizer import load_tokenizer
-from cwm_jax.train.config import validate
+from cwm_jax.train.config import model_config, validate
 from cwm_jax.train.step import Trainer
 
 log = logging.getLogger("cwm_jax.train")
 
-# Dense bf16 peak FLOP/s per chip (Cloud TPU and NVIDIA datasheets), keyed by a prefix of `device.device_kind`.
-PEAK_FLOPS = {
-    "TPU v4": 275e12,
-    "TPU v5 lite": 197e12,
-    "TPU v5e": 197e12,
-    "TPU v5p": 459e12,
-    "TPU v5": 459e12,
-    "TPU v6 lite": 918e12,
-    "TPU v6e": 918e12,
-    "NVIDIA H100": 989e12,
-    "NVIDIA H200": 989e12,
-    "NVIDIA A100": 312e12,
+# Dense bf16 peak FLOP/s of the GPUs (NVIDIA datasheets); TPU generations come from `cwm_jax.plan.CHIPS`.
+GPU_PEAK_FLOPS = {"NVIDIA H100": 989e12, "NVIDIA H200": 989e12, "NVIDIA A100": 312e12}
+# `device.device_kind` of each TPU generation.
+TPU_KINDS = {
+    "TPU v4": "v4",
+    "TPU v5 lite": "v5e",
+    "TPU v5e": "v5e",
+    "TPU v5p": "v5p",
+    "TPU v5": "v5p",
+    "TPU v6 lite": "v6e",
+    "TPU v6e": "v6e",
 }
 
 
@@ -47,12 +48,27 @@ class TrainingError(RuntimeError):
     """The run cannot go on (a non-finite loss with nonfinite="stop", a checkpoint that does not fit the config)."""
 
 
+def skip_absent_accelerators() -> None:
+    """Use the CPU without probing for accelerators when this host has none (call before JAX starts a backend).
+
+    With libtpu installed (the `tpu` extra; `make test` installs it to compile for TPU topologies), JAX probes for a
+    TPU at start-up and prints pages of warnings on a host without one. An explicit JAX_PLATFORMS always wins.
+    """
+    if os.environ.get("JAX_PLATFORMS"):
+        return
+    if not any(glob.glob(p) for p in ("/dev/accel*", "/dev/vfio/[0-9]*", "/dev/nvidia[0-9]*")):
+        jax.config.update("jax_platforms", "cpu")
+
+
 def peak_flops(device) -> float | None:
     """The device's peak bf16 FLOP/s, or None when unknown (e.g. a CPU)."""
+    from cwm_jax.plan import CHIPS
+
     kind = getattr(device, "device_kind", "")
-    for prefix in sorted(PEAK_FLOPS, key=len, reverse=True):
+    peaks = {**GPU_PEAK_FLOPS, **{k: CHIPS[g].peak_flops for k, g in TPU_KINDS.items()}}
+    for prefix in sorted(peaks, key=len, reverse=True):
         if kind.startswith(prefix):
-            return PEAK_FLOPS[prefix]
+            return peaks[prefix]
     return None
 
 
@@ -89,7 +105,7 @@ class _Preemption:
 class _Metrics:
     """Console lines on process 0 and TensorBoard scalars in `WORKDIR/tensorboard`."""
 
-    def __init__(self, workdir: Path, enabled: bool):
+    def __init__(self, workdir: epath.Path, enabled: bool):
         self.writer = None
         if enabled and jax.process_index() == 0:
             from tensorboardX import SummaryWriter
@@ -108,14 +124,14 @@ class _Metrics:
             self.writer.close()
 
 
-def _manager(workdir: Path, cfg) -> ocp.CheckpointManager:
+def _manager(workdir: epath.Path, cfg) -> ocp.CheckpointManager:
     options = ocp.CheckpointManagerOptions(
         save_interval_steps=max(int(cfg.checkpoint.every), 1),
         max_to_keep=int(cfg.checkpoint.keep),
         enable_async_checkpointing=bool(cfg.checkpoint.async_save),
         create=True,
     )
-    return ocp.CheckpointManager((workdir / "checkpoints").absolute(), options=options)
+    return ocp.CheckpointManager(workdir / "checkpoints", options=options)
 
 
 def _save(manager, step: int, state, data_it, cfg, *, force: bool = False) -> bool:
@@ -142,35 +158,17 @@ def _restore(manager, step: int, trainer: Trainer, data_it):
 
 
 def _initial_params(cfg, trainer: Trainer):
-    """Parameters from `init_from` (a converted checkpoint whose architecture must match the model block)."""
+    """Parameters from `init_from`: a converted checkpoint (`cwm-convert hf-to-orbax`) or a training workdir of an
+    earlier stage (its latest step); either way the architecture must match the run config's model block."""
     from cwm_jax import checkpoint, hf
+    from cwm_jax.train import export
 
-    stored = checkpoint.read_config(cfg.init_from)
-    ours = trainer.model_config
-    differ = [
-        f
-        for f in (
-            "vocab_size",
-            "hidden_size",
-            "num_layers",
-            "num_heads",
-            "num_kv_heads",
-            "head_dim",
-            "intermediate_size",
-            "sliding_window",
-            "layer_types",
-            "rope_theta",
-            "rope_scaling",
-        )
-        if getattr(stored, f) != getattr(ours, f)
-    ]
-    if differ:
-        raise ConfigError(
-            f"init_from={cfg.init_from} has {', '.join(f'{f}={getattr(stored, f)!r}' for f in differ)} but the "
-            f"run config's model block gives {', '.join(f'{f}={getattr(ours, f)!r}' for f in differ)}"
-        )
-    with sharding.use_rules(sharding.current_rules()):
-        model = checkpoint.load(cfg.init_from, mesh=trainer.mesh, dtype="float32")
+    if export.is_train_workdir(cfg.init_from):
+        stored = model_config(export.run_config_of(cfg.init_from))
+        export.check_same_architecture(stored, trainer.model_config, cfg.init_from)
+        return export.restore_params(cfg.init_from, trainer.param_shardings)
+    export.check_same_architecture(checkpoint.read_config(cfg.init_from), trainer.model_config, cfg.init_from)
+    model = checkpoint.load(cfg.init_from, mesh=trainer.mesh, dtype="float32")
     return hf.model_params(model)
 
 
@@ -179,7 +177,9 @@ def train(cfg, workdir, *, max_steps: int | None = None) -> dict:
 
     `max_steps` stops after that many steps of this invocation (tests use it to interrupt a run).
     """
-    workdir = Path(workdir)
+    workdir = epath.Path(workdir)  # a local folder or gs://... (Orbax and etils write both)
+    if "://" not in str(workdir):
+        workdir = workdir.absolute()  # Orbax wants absolute paths
     model_config, mesh_sizes = validate(cfg, jax.device_count(), jax.process_count())
     tokenizer = load_tokenizer(cfg.tokenizer)
     if tokenizer.vocab_size > model_config.vocab_size:
