@@ -10,6 +10,7 @@ Shapes: B batch, T positions, D hidden, N query heads, K KV heads, H head dim, F
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -222,11 +223,11 @@ class CwmModel(nnx.Module):
     def block_qkv(self, p, x_BTD, cos_BTH, sin_BTH):
         """First half of a layer: one layer's params `p` and input -> RoPE'd q [B, T, N, H], k and v [B, T, K, H]."""
         c = self.config
-        dtype = x_BTD.dtype
+        B, T, D = x_BTD.shape
         h_BTD = rms_norm(x_BTD, p["attn_norm"], c.rms_norm_eps)
-        q_BTNH = jnp.einsum("btd,dnh->btnh", h_BTD, p["q"].astype(dtype))
-        k_BTKH = jnp.einsum("btd,dkh->btkh", h_BTD, p["k"].astype(dtype))
-        v_BTKH = jnp.einsum("btd,dkh->btkh", h_BTD, p["v"].astype(dtype))
+        q_BTNH = _matmul(h_BTD, p["q"], 1).reshape(B, T, c.num_heads, c.head_dim)
+        k_BTKH = _matmul(h_BTD, p["k"], 1).reshape(B, T, c.num_kv_heads, c.head_dim)
+        v_BTKH = _matmul(h_BTD, p["v"], 1).reshape(B, T, c.num_kv_heads, c.head_dim)
         q_BTNH = sharding.constrain(q_BTNH, ("act_batch", "act_length", "act_heads", None))
         q_BTNH = apply_rope(q_BTNH, cos_BTH, sin_BTH)
         k_BTKH = apply_rope(k_BTKH, cos_BTH, sin_BTH)
@@ -235,12 +236,22 @@ class CwmModel(nnx.Module):
     def block_out(self, p, x_BTD, o_BTNH):
         """Second half of a layer: attention output [B, T, N, H] -> residual, MLP -> the layer's output [B, T, D]."""
         c = self.config
-        dtype = x_BTD.dtype
-        x_BTD = x_BTD + jnp.einsum("btnh,nhd->btd", o_BTNH, p["o"].astype(dtype))
+        x_BTD = x_BTD + _matmul(o_BTNH, p["o"], 2)
         x_BTD = sharding.constrain(x_BTD, ("act_batch", "act_length", "act_embed"))
         h_BTD = rms_norm(x_BTD, p["mlp_norm"], c.rms_norm_eps)
-        gate_BTF = jnp.einsum("btd,df->btf", h_BTD, p["gate"].astype(dtype))
-        up_BTF = jnp.einsum("btd,df->btf", h_BTD, p["up"].astype(dtype))
-        a_BTF = sharding.constrain(jax.nn.silu(gate_BTF) * up_BTF, ("act_batch", "act_length", "act_mlp"))
-        x_BTD = x_BTD + jnp.einsum("btf,fd->btd", a_BTF, p["down"].astype(dtype))
+        a_BTF = jax.nn.silu(_matmul(h_BTD, p["gate"], 1)) * _matmul(h_BTD, p["up"], 1)
+        a_BTF = sharding.constrain(a_BTF, ("act_batch", "act_length", "act_mlp"))
+        x_BTD = x_BTD + _matmul(a_BTF, p["down"], 1)
         return sharding.constrain(x_BTD, ("act_batch", "act_length", "act_embed"))
+
+
+def _matmul(x, w, n_in: int):
+    """x [B, T, *in] @ w [*in, *out] -> [B, T, prod(out)] in x's dtype, as one 2-D matmul over B * T rows.
+
+    The same contraction as an einsum over (B, T), but XLA's CPU backend runs the 2-D form's backward (weight
+    gradients contract over the B * T rows) about 1.7x faster; on TPU the reshapes are free.
+    """
+    B, T = x.shape[:2]
+    k = math.prod(w.shape[:n_in])
+    y = jnp.dot(x.reshape(B * T, k), w.reshape(k, -1).astype(x.dtype))
+    return y.reshape(B, T, -1)

@@ -185,7 +185,7 @@ def _layer_bytes_per_token(model: CwmConfig, tensor: int, compute_itemsize: int)
     return {
         "full": D * compute_itemsize,
         "dots": (2 * D + NH + 2 * KH + 2 * F) * compute_itemsize,
-        "none": (4 * D + 3 * NH + 2 * KH + 6 * F) * compute_itemsize + none_f32 * 4 + 4,
+        "none": (7 * D + 3 * NH + 2 * KH + 6 * F) * compute_itemsize + none_f32 * 4 + 4,
     }
 
 

@@ -60,24 +60,36 @@ def current_rules() -> Rules:
     return _active_rules[-1]
 
 
+def resolve_axis_sizes(sizes: dict[str, int], device_count: int, prefix: str = "") -> dict[str, int]:
+    """Mesh axis sizes with the one -1 ("the rest of the devices") resolved; ValueError naming `{prefix}{axis}` when
+    they are not positive integers or -1 or do not fill exactly `device_count` devices."""
+    sizes = dict(sizes)
+    for axis, v in sizes.items():
+        if isinstance(v, bool) or not isinstance(v, int) or v == 0 or v < -1:
+            raise ValueError(f"{prefix}{axis} must be a positive integer or -1, got {v!r}")
+    free = [a for a, v in sizes.items() if v == -1]
+    if len(free) > 1:
+        raise ValueError(f"at most one mesh axis may be -1 ('the rest'), got {', '.join(prefix + a for a in free)}")
+    known = math.prod(v for v in sizes.values() if v != -1)
+    if free:
+        if device_count % known:
+            raise ValueError(
+                f"{prefix}{free[0]}=-1 cannot fill {device_count} devices: the other axes' product {known} does not "
+                "divide it"
+            )
+        sizes[free[0]] = device_count // known
+    if math.prod(sizes.values()) != device_count:
+        shown = " x ".join(f"{prefix}{a}={v}" for a, v in sizes.items())
+        raise ValueError(f"{shown} needs {math.prod(sizes.values())} devices, but there are {device_count}")
+    return sizes
+
+
 def make_mesh(
     data: int = 1, fsdp: int = -1, tensor: int = 1, sequence: int = 1, *, devices: Sequence | None = None
 ) -> Mesh:
     """A mesh with axes (data, fsdp, tensor, sequence); one size may be -1, meaning "the rest of the devices"."""
     devices = list(jax.devices() if devices is None else devices)
-    sizes = {"data": data, "fsdp": fsdp, "tensor": tensor, "sequence": sequence}
-    if any(isinstance(v, bool) or not isinstance(v, int) or v == 0 or v < -1 for v in sizes.values()):
-        raise ValueError(f"mesh axis sizes must be positive integers or -1, got {sizes}")
-    unknown = [k for k, v in sizes.items() if v == -1]
-    if len(unknown) > 1:
-        raise ValueError(f"at most one mesh axis may be -1, got {unknown}")
-    known = math.prod(v for v in sizes.values() if v != -1)
-    if unknown:
-        if len(devices) % known:
-            raise ValueError(f"{len(devices)} devices cannot fill mesh {sizes}: {known} does not divide them")
-        sizes[unknown[0]] = len(devices) // known
-    if math.prod(sizes.values()) != len(devices):
-        raise ValueError(f"mesh {sizes} needs {math.prod(sizes.values())} devices, but {len(devices)} are given")
+    sizes = resolve_axis_sizes(dict(data=data, fsdp=fsdp, tensor=tensor, sequence=sequence), len(devices))
     shape = tuple(sizes[a] for a in MESH_AXES)
     return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)
 

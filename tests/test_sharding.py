@@ -52,13 +52,13 @@ def test_make_mesh_fills_the_minus_one_axis():
 @pytest.mark.parametrize(
     "sizes, match",
     [
-        (dict(data=2, fsdp=2, tensor=1), "needs 4 devices, but 8"),  # no -1: product != device count
+        (dict(data=2, fsdp=2, tensor=1), "needs 4 devices, but there are 8"),  # no -1: product != device count
         (dict(data=4, fsdp=4), "needs 16 devices"),
         (dict(data=3), "3 does not divide"),  # fsdp=-1 cannot fill 8 devices
         (dict(data=-1, fsdp=-1), "at most one mesh axis may be -1"),
-        (dict(tensor=0), "positive integers or -1"),
-        (dict(data=-2), "positive integers or -1"),
-        (dict(data=1.5), "positive integers or -1"),
+        (dict(tensor=0), "must be a positive integer or -1"),
+        (dict(data=-2), "must be a positive integer or -1"),
+        (dict(data=1.5), "must be a positive integer or -1"),
     ],
 )
 def test_make_mesh_rejects_bad_sizes(sizes, match):

@@ -189,7 +189,11 @@ def test_non_finite_batch_is_skipped_and_counted():
 @pytest.mark.parametrize(
     "overrides, devices, match",
     [
-        ({"mesh.fsdp": 3}, 8, r"mesh.data=1 x mesh.fsdp=3 x mesh.tensor=1 x mesh.sequence=1 = 3 devices"),
+        (
+            {"mesh.fsdp": 3},
+            8,
+            r"mesh.data=1 x mesh.fsdp=3 x mesh.tensor=1 x mesh.sequence=1 needs 3 devices, but there are 8",
+        ),
         ({"mesh.fsdp": -1, "mesh.data": 3}, 8, r"mesh.fsdp=-1 cannot fill 8 devices"),
         (
             {"mesh.fsdp": 2, "mesh.tensor": 4},

@@ -36,6 +36,8 @@ def get_config():
     c.optimizer.warmup_steps = 2
     c.data.sources = [source_config(name="stdlib", kind="stdlib", path="a*.py")]
     c.checkpoint.every, c.log_every = 2, 1
+    c.eval.every, c.eval.batches = 4, 2
+    c.eval.data.sources = [source_config(name="held_out", kind="stdlib", path="b*.py")]
     c.tensorboard = False
     c.sample.max_new_tokens = 0
     return c
@@ -114,7 +116,7 @@ def reference_run(run_dir, config_file):
     """The uninterrupted run, in this process (8 CPU devices, fsdp=8): (per-step losses, final params)."""
     workdir = run_dir / "reference"
     state = loop.train(_load_config(config_file), workdir)
-    losses = [h["loss"] for h in state["history"]]
+    losses = [h["loss"] for h in state["history"] if "loss" in h]
     assert len(losses) == STEPS and losses[-1] < losses[0]
     return np.array(losses), _final_params(workdir)
 
@@ -122,8 +124,13 @@ def reference_run(run_dir, config_file):
 def test_metrics_and_checkpoints_of_a_run(reference_run, run_dir):
     workdir = run_dir / "reference"
     lines = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
-    assert [m["step"] for m in lines] == list(range(1, STEPS + 1))
-    assert all(m["tokens_per_s"] > 0 and m["skipped"] == 0 for m in lines)
+    train_lines = [m for m in lines if "loss" in m]
+    assert [m["step"] for m in train_lines] == list(range(1, STEPS + 1))
+    assert all(m["tokens_per_s"] > 0 and m["skipped"] == 0 for m in train_lines)
+    evals = [m for m in lines if "eval_loss" in m]
+    assert [m["step"] for m in evals] == [4, 8]
+    # Held-out text (other stdlib modules): the eval loss falls with training and stays near the training loss.
+    assert evals[1]["eval_loss"] < evals[0]["eval_loss"] < 2 * train_lines[0]["loss"]
     steps = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
     assert steps == [4, 6, 8]  # every 2 steps, keep 3
     assert json.loads((workdir / "checkpoints/8/config/metadata").read_text())["steps"] == STEPS
@@ -191,7 +198,7 @@ def test_two_processes_match_one_process(reference_run, run_dir, config_file):
     for p, out in zip(procs, outputs, strict=True):
         assert p.returncode == 0, out[-3000:]
     lines = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
-    np.testing.assert_allclose([m["loss"] for m in lines], losses_1, rtol=1e-5)
+    np.testing.assert_allclose([m["loss"] for m in lines if "loss" in m], losses_1, rtol=1e-5)
     params_2 = _final_params(workdir)
     for a, b in zip(jax.tree.leaves(params_2), jax.tree.leaves(params_1), strict=True):
         # Same tolerance argument as tests/test_train.py: Adam turns relative gradient noise e into about lr * e.

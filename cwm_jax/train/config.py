@@ -9,11 +9,11 @@ exists, so a misconfigured pod job fails in seconds, not after minutes of compil
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import ml_collections
 
 from cwm_jax.config import ConfigError, CwmConfig, cwm_32b, cwm_tiny
+from cwm_jax.sharding import resolve_axis_sizes
 
 PRESETS = {"tiny": cwm_tiny, "cwm_32b": cwm_32b}
 DECAYS = ("cosine", "linear", "constant")
@@ -95,24 +95,10 @@ def mesh_shape(cfg, device_count: int) -> dict[str, int]:
     extra = sorted(set(cfg.mesh) - set(MESH_AXES))
     if extra:
         raise ConfigError(f"mesh.{extra[0]} is not a mesh axis; axes are {MESH_AXES}")
-    for a, v in sizes.items():
-        if isinstance(v, bool) or not isinstance(v, int) or v == 0 or v < -1:
-            raise ConfigError(f"mesh.{a} must be a positive integer or -1, got {v!r}")
-    free = [a for a, v in sizes.items() if v == -1]
-    if len(free) > 1:
-        raise ConfigError(f"only one mesh axis may be -1 ('the rest'), got {', '.join('mesh.' + a for a in free)}")
-    known = math.prod(v for v in sizes.values() if v != -1)
-    if free:
-        if device_count % known:
-            raise ConfigError(
-                f"mesh.{free[0]}=-1 cannot fill {device_count} devices: the other axes' product {known} does not "
-                "divide it"
-            )
-        sizes[free[0]] = device_count // known
-    if math.prod(sizes.values()) != device_count:
-        shown = " x ".join(f"mesh.{a}={v}" for a, v in sizes.items())
-        raise ConfigError(f"{shown} = {math.prod(sizes.values())} devices, but there are {device_count}")
-    return sizes
+    try:
+        return resolve_axis_sizes(sizes, device_count, prefix="mesh.")
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
 
 
 def validate(cfg, device_count: int, process_count: int = 1) -> tuple[CwmConfig, dict[str, int]]:

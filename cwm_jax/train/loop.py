@@ -256,7 +256,8 @@ def train(cfg, workdir, *, max_steps: int | None = None) -> dict:
                 )
                 t0, last_logged = time.perf_counter(), done
             if cfg.eval.every and done % cfg.eval.every == 0:
-                _evaluate(cfg, trainer, tokenizer, state["params"], done, metrics_out)
+                eval_loss = _evaluate(cfg, trainer, tokenizer, state["params"], done, metrics_out)
+                history.append({"step": done, "eval_loss": eval_loss})
             if cfg.checkpoint.every and done % cfg.checkpoint.every == 0:
                 _save(manager, done, state, data_it, cfg)
             if (done % cfg.log_every == 0) and preemption.agreed():

@@ -63,7 +63,10 @@ def chunked_cross_entropy(h_BTD, w_DV, targets_BT, mask_BT, chunk: int):
     @jax.checkpoint
     def body(carry, xs):
         h_BcD, t_Bc, m_Bc = xs
-        logits_BcV = jnp.einsum("bcd,dv->bcv", h_BcD, w_DV, preferred_element_type=jnp.float32)
+        # One 2-D matmul over B * c rows: XLA's CPU backend runs its backward faster than the 3-D einsum's.
+        logits_BcV = jnp.dot(h_BcD.reshape(-1, D), w_DV, preferred_element_type=jnp.float32).reshape(
+            B, -1, w_DV.shape[1]
+        )
         logits_BcV = sharding.constrain(logits_BcV, ("act_batch", None, "act_vocab"))
         lse_Bc = jax.nn.logsumexp(logits_BcV, axis=-1)
         # A one-hot product, not a gather, so a vocab-sharded head needs no all-gather of the logits.
