@@ -78,7 +78,7 @@ def test_config_validates_for_its_devices(name):
     else:
         assert cfg.topology, f"configs/{name}.py sets no topology: the test cannot tell its device count"
         devices = devices_of(cfg.topology)
-    _, mesh = validate(cfg, device_count=devices, process_count=1)
+    _, mesh = validate(cfg, device_count=devices)
     assert np.prod(list(mesh.values())) == devices
 
 
@@ -96,7 +96,7 @@ def test_tiny_config_data_exists(name):
 def test_midtrain_sequence_sharding_validates_on_8_devices():
     cfg = config("tiny_midtrain")
     cfg.mesh.sequence = 2
-    _, mesh = validate(cfg, device_count=8, process_count=1)
+    _, mesh = validate(cfg, device_count=8)
     assert mesh == {"data": 1, "fsdp": 4, "tensor": 1, "sequence": 2}
 
 

@@ -288,6 +288,19 @@ def test_global_batch_does_not_depend_on_the_process_count(tmp_path, pack):
             assert one[-1]["segment_ids"].any()
 
 
+def test_explicit_rows_are_those_rows_of_the_global_batch(tmp_path):
+    """`rows=` (what a trainer passes when hosts share rows split along the sequence) picks rows of the same batch."""
+    path = write_jsonl(tmp_path / "a.jsonl", [{"text": f"r{i} " * (i % 5 + 1)} for i in range(30)])
+    cfg = data_cfg(dict(kind="jsonl", path=path))
+    one = process_batches(cfg, 1, steps=5)
+    for rows in ([1, 3], [0, 1, 2, 3], [2]):
+        picked = process_batches(cfg, 1, steps=5, rows=rows)
+        assert_same_batches(picked, [{k: v[rows] for k, v in batch.items()} for batch in one])
+    for bad in ([], [3, 1], [0, 4], [1, 1]):
+        with pytest.raises(DataError, match="rows must be distinct sorted row indices in 0..3"):
+            process_batches(cfg, 1, steps=1, rows=bad)
+
+
 @pytest.mark.parametrize("pack", [True, False])
 def test_each_process_reads_only_its_rows_and_all_stop_together(tmp_path, pack):
     # Unshuffled, one source: the global order is the records' order, so row stream r holds records r, r + 4, ...

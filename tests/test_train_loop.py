@@ -172,9 +172,18 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_processes_match_one_process(reference_run, run_dir, config_file):
+@pytest.mark.parametrize(
+    "mesh",
+    [
+        [],  # fsdp=8: each process holds its own 4 rows
+        # sequence=8: every row is split over the devices of both processes, so both read every row
+        ["--config.mesh.fsdp=1", "--config.mesh.sequence=8"],
+    ],
+    ids=["fsdp", "sequence"],
+)
+def test_two_processes_match_one_process(reference_run, run_dir, config_file, mesh):
     losses_1, params_1 = reference_run
-    workdir = run_dir / "two_processes"
+    workdir = run_dir / f"two_processes_{len(mesh)}"
     address = f"127.0.0.1:{_free_port()}"
     procs = [
         subprocess.Popen(
@@ -186,6 +195,7 @@ def test_two_processes_match_one_process(reference_run, run_dir, config_file):
                 f"--coordinator_address={address}",
                 "--num_processes=2",
                 f"--process_id={i}",
+                *mesh,
             ],
             env=_child_env(devices=4),
             stdout=subprocess.PIPE,

@@ -19,6 +19,7 @@ Order of operations and why:
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 
 import grain
 import numpy as np
@@ -45,16 +46,26 @@ def make_iterator(
     process_count: int = 1,
     num_epochs: int | None = None,
     shuffle: bool | None = None,
+    rows: Sequence[int] | None = None,
 ) -> grain.DatasetIterator:
     """A grain DatasetIterator of batches for this process: its b = batch_size // process_count rows of the
     global batch, rows process_index * b .. (process_index + 1) * b - 1, the same whatever process_count is.
+    `rows` (sorted global row indices) replaces that split: the rows this process's devices hold, which processes
+    may share when a row is split along the sequence over devices of several hosts (context parallelism).
 
     Each batch is a dict of numpy arrays: "inputs", "targets", "positions", "segment_ids" (int32 [b, seq_len])
     and "loss_mask" (float32 [b, seq_len]). `num_epochs` None repeats forever; with a number, every process
     ends after the same number of batches. `shuffle` None takes `data_cfg.shuffle`. Raises DataError for a bad
     config or input.
     """
-    _check_args(seq_len, batch_size, seed, process_index, process_count, num_epochs)
+    if rows is None:
+        _check_args(seq_len, batch_size, seed, process_index, process_count, num_epochs)
+    else:
+        _check_args(seq_len, batch_size, seed, 0, 1, num_epochs)
+    if rows is not None and (
+        not rows or list(rows) != sorted(set(rows)) or not all(0 <= int(r) < batch_size for r in rows)
+    ):
+        raise DataError(f"rows must be distinct sorted row indices in 0..{batch_size - 1}, found {list(rows)[:8]}")
     sources = check_data_config(data_cfg)
     shuffle = bool(data_cfg.get("shuffle", True)) if shuffle is None else shuffle
     pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else 0
@@ -74,7 +85,7 @@ def make_iterator(
             return pack_rows(docs.to_iter_dataset(_READ), seq_len=seq_len, pad_id=pad_id)
         return docs.map(functools.partial(single_row, seq_len=seq_len, pad_id=pad_id)).to_iter_dataset(_READ)
 
-    local = range(process_index * b, (process_index + 1) * b)
+    local = range(process_index * b, (process_index + 1) * b) if rows is None else [int(r) for r in rows]
     counts = []
     if num_epochs is not None:
         # Unpacked, a stream has one row per record: its index stream counts it without reading data. Packed, the

@@ -101,7 +101,7 @@ def mesh_shape(cfg, device_count: int) -> dict[str, int]:
         raise ConfigError(str(e)) from None
 
 
-def validate(cfg, device_count: int, process_count: int = 1) -> tuple[CwmConfig, dict[str, int]]:
+def validate(cfg, device_count: int) -> tuple[CwmConfig, dict[str, int]]:
     """Check the whole run config; returns (architecture, mesh sizes) or raises ConfigError naming the key."""
     model = model_config(cfg)
     mesh = mesh_shape(cfg, device_count)
@@ -130,8 +130,6 @@ def validate(cfg, device_count: int, process_count: int = 1) -> tuple[CwmConfig,
             f"each microbatch (global_batch={cfg.global_batch} / microbatches={cfg.microbatches} = {micro} rows) "
             f"must be divisible by mesh.data x mesh.fsdp = {batch_shards}"
         )
-    if cfg.global_batch % process_count:
-        raise ConfigError(f"global_batch={cfg.global_batch} is not divisible by the {process_count} processes")
     seq_shards = mesh["sequence"] * (2 if mesh["sequence"] > 1 else 1)
     if cfg.seq_len % seq_shards:
         raise ConfigError(

@@ -180,7 +180,7 @@ def train(cfg, workdir, *, max_steps: int | None = None) -> dict:
     workdir = epath.Path(workdir)  # a local folder or gs://... (Orbax and etils write both)
     if "://" not in str(workdir):
         workdir = workdir.absolute()  # Orbax wants absolute paths
-    model_config, mesh_sizes = validate(cfg, jax.device_count(), jax.process_count())
+    model_config, mesh_sizes = validate(cfg, jax.device_count())
     tokenizer = load_tokenizer(cfg.tokenizer)
     if tokenizer.vocab_size > model_config.vocab_size:
         raise ConfigError(
@@ -195,8 +195,7 @@ def train(cfg, workdir, *, max_steps: int | None = None) -> dict:
         seq_len=cfg.seq_len,
         batch_size=cfg.global_batch,
         seed=cfg.seed,
-        process_index=jax.process_index(),
-        process_count=jax.process_count(),
+        rows=trainer.local_rows(),
     )
     workdir.mkdir(parents=True, exist_ok=True)
     manager = _manager(workdir, cfg)
@@ -287,8 +286,7 @@ def _evaluate(cfg, trainer: Trainer, tokenizer, params, step: int, metrics_out: 
         seq_len=cfg.seq_len,
         batch_size=cfg.global_batch,
         seed=cfg.seed + 1,
-        process_index=jax.process_index(),
-        process_count=jax.process_count(),
+        rows=trainer.local_rows(),
         num_epochs=1,
         shuffle=False,
     )

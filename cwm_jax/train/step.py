@@ -180,17 +180,33 @@ class Trainer:
         """A CwmModel around `params` (for sampling and evaluation outside the step)."""
         return hf.model_from_params(self.model_config, params, **self.model_kwargs)
 
+    def local_rows(self) -> list[int]:
+        """The global batch rows this process's devices hold (sorted): what its data iterator must produce. Hosts
+        share a row when the row's sequence is split over devices of several hosts (context parallelism)."""
+        B, _ = self.batch_shape
+        rows: set[int] = set()
+        for index in self.batch_sharding.addressable_devices_indices_map(self.batch_shape).values():
+            rows.update(range(*index[0].indices(B)))
+        return sorted(rows)
+
     def global_batch(self, local: dict) -> dict:
-        """Device arrays of the global batch from this process's rows (numpy [B / processes, T] per key), in the
-        zigzag layout when the sequence is sharded."""
+        """Device arrays of the global batch from this process's rows (numpy [len(local_rows()), T] per key, in
+        `local_rows()` order), in the zigzag layout when the sequence is sharded."""
         B, T = self.batch_shape
         n = self.sequence_shards
-        return {
-            k: jax.make_array_from_process_local_data(
-                self.batch_sharding, to_zigzag(np.asarray(local[k]), n) if n > 1 else np.asarray(local[k]), (B, T)
-            )
-            for k in BATCH_KEYS
-        }
+        where = {r: i for i, r in enumerate(self.local_rows())}
+
+        def build(x_bT):
+            x_bT = to_zigzag(np.asarray(x_bT), n) if n > 1 else np.asarray(x_bT)
+
+            def shard(index):
+                first = range(*index[0].indices(B))[0]
+                rows = slice(where[first], where[first] + len(range(*index[0].indices(B))))
+                return x_bT[rows, index[1]]
+
+            return jax.make_array_from_callback((B, T), self.batch_sharding, shard)
+
+        return {k: build(local[k]) for k in BATCH_KEYS}
 
     # --- steps ---
 
