@@ -34,7 +34,7 @@ def get_config() -> ml_collections.ConfigDict:
     )
     c.seq_len = 256
     c.global_batch = 8
-    c.steps = 300
+    c.steps = 600
     c.dtype = "float32"  # CPUs have no fast bf16 matmul; TPU configs compute in bfloat16
     c.remat = "none"
     c.loss.chunk = 256
