@@ -192,6 +192,9 @@ def _layer_bytes_per_token(model: CwmConfig, tensor: int, compute_itemsize: int)
 # XLA's own temporaries beyond what is counted (fusion outputs, collective buffers, layout copies): a share of the
 # counted activations and temporaries, measured on compiled steps (BENCHMARKS.md, "Training: 32B configs ...").
 MARGIN = 0.1
+# The largest compiled / estimated peak measured so far (131072-token context parallelism, BENCHMARKS.md): a plan
+# within this factor of the HBM is reported as close.
+CLOSE_FACTOR = 1.2
 
 
 def estimate(cfg, topology: str | Topology | None = None) -> Plan:
@@ -368,6 +371,11 @@ def format_plan(plan: Plan, cfg) -> str:
     ]
     if plan.fits:
         lines.append(f"FITS: {_gib(plan.hbm - plan.total).strip()} to spare per chip")
+        if plan.total * CLOSE_FACTOR > plan.hbm:
+            lines.append(
+                f"  close: compiled steps have needed up to {CLOSE_FACTOR}x this estimate (BENCHMARKS.md); "
+                "confirm with --compile before renting the slice"
+            )
     else:
         lines.append(
             f"DOES NOT FIT: needs {_gib(plan.total - plan.hbm).strip()} more per chip; try remat='full', more "

@@ -260,3 +260,16 @@ def test_compiled_memory_matches_the_estimate_on_a_tpu_topology():
     assert mem["alias"] >= estimate.params + estimate.optimizer  # and donated
     ratio = mem["peak"] / estimate.total
     assert 1 / COMPILE_FACTOR <= ratio <= COMPILE_FACTOR, (ratio, mem, plan.format_plan(estimate, cfg))
+
+
+def test_a_plan_near_the_hbm_limit_says_to_compile():
+    import dataclasses
+
+    cfg = run_config.default_config()
+    p = plan.estimate(cfg, "v5e-8")
+    assert "close:" not in plan.format_plan(p, cfg)
+    rest = p.params + p.optimizer + p.gradients + p.activations
+    near = dataclasses.replace(p, temporaries=int(0.9 * p.hbm) - rest)
+    assert near.fits and "close: compiled steps have needed up to 1.2x" in plan.format_plan(near, cfg)
+    far = dataclasses.replace(p, temporaries=int(0.8 * p.hbm) - rest)
+    assert "close:" not in plan.format_plan(far, cfg)
