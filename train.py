@@ -5,7 +5,6 @@ from the TPU environment; elsewhere pass --coordinator_address, --num_processes 
 processes work too, with gloo collectives). A run resumes from the latest complete checkpoint in the workdir.
 """
 
-import logging
 import os
 import sys
 
@@ -33,12 +32,11 @@ def _distributed_init():
 
 def main(argv):
     del argv
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S", force=True)
-    for noisy in ("absl", "orbax", "jax._src", "grain"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
     from cwm_jax.config import ConfigError
     from cwm_jax.data import DataError
-    from cwm_jax.train.loop import TrainingError, skip_absent_accelerators, train
+    from cwm_jax.train.loop import TrainingError, setup_logging, skip_absent_accelerators, train
+
+    setup_logging()
 
     skip_absent_accelerators()
     _distributed_init()

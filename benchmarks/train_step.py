@@ -234,6 +234,52 @@ def measure(args) -> dict:
     }
 
 
+def breakdown(args) -> dict:
+    """Seconds (best of 5, after a compile) of the pieces of cwm_jax's step: the model's forward to the hidden states,
+    the gradients of the whole loss, the loss head alone (forward + backward) and the whole step, then the whole step
+    again with attention replaced by the identity (what attention costs)."""
+    import jax
+
+    from cwm_jax import attention
+    from cwm_jax.train.config import model_config
+    from cwm_jax.train.step import chunked_cross_entropy
+
+    cfg = run_config(args)
+    batch = make_batch(model_config(cfg).vocab_size, args.batch, args.seq_len)
+
+    def best(fn, *xs):
+        jax.block_until_ready(fn(*xs))
+        times = []
+        for _ in range(5):
+            start = time.perf_counter()
+            jax.block_until_ready(fn(*xs))
+            times.append(time.perf_counter() - start)
+        return min(times)
+
+    side = JaxSide(cfg, batch)
+    trainer, params, b = side.trainer, side.state["params"], side.batch
+
+    def hidden(p, b):
+        return trainer.model(p)(b["inputs"], b["positions"], b["segment_ids"], return_hidden=True)
+
+    def head(h, w):
+        return chunked_cross_entropy(h, w, b["targets"], b["loss_mask"], cfg.loss.chunk)[0]
+
+    out = {
+        "forward_s": best(jax.jit(hidden), params, b),
+        "loss_and_grads_s": best(jax.jit(trainer.loss_and_grads), params, b),
+        "loss_head_s": best(jax.jit(jax.grad(head, argnums=(0, 1))), jax.jit(hidden)(params, b), params["lm_head"]),
+        "step_s": best(lambda: side.step()),
+    }
+    original = attention.attention
+    attention.attention = lambda q_BTNH, k, v, **kw: q_BTNH  # the model calls it through the module
+    try:
+        out["step_without_attention_s"] = best(JaxSide(cfg, batch).step)  # traced (and timed) with the identity
+    finally:
+        attention.attention = original
+    return out
+
+
 def main(argv=None) -> int:
     """Measure, print the ratio and the table; optionally write JSON. Returns the exit code."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -248,6 +294,7 @@ def main(argv=None) -> int:
     parser.add_argument("--torch-threads", type=int, default=os.cpu_count(), help="default: the CPU count")
     parser.add_argument("--gemm-size", type=int, default=2048, help="n of the n x n x n GEMM for the ceiling")
     parser.add_argument("--json", metavar="PATH", help="also write the numbers as JSON here")
+    parser.add_argument("--breakdown", action="store_true", help="only time the pieces of cwm_jax's step")
     args = parser.parse_args(argv)
     sizes = (args.batch, args.seq_len, args.rounds, args.steps, args.attention_block, args.loss_chunk)
     if min(sizes) < 1 or args.torch_threads < 1 or args.gemm_size < 1:
@@ -258,6 +305,10 @@ def main(argv=None) -> int:
         )
         return 2
 
+    if args.breakdown:
+        for name, seconds in breakdown(args).items():
+            print(f"{name:26s} {seconds:.3f}")
+        return 0
     r = measure(args)
     met = r["ratio"] >= TARGET
     print(

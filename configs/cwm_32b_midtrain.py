@@ -29,14 +29,12 @@ of the bucket (`/gcs/YOUR_BUCKET`, as MaxText's Grain pipeline does): Grain read
 
 import ml_collections
 
-from cwm_jax.data import default_data_config
+from cwm_jax.data import source_config
 from cwm_jax.train.config import default_config
 
 
 def _source(name, path, format, field, weight):
-    return ml_collections.ConfigDict(
-        dict(name=name, kind="arrayrecord", path=path, format=format, field=field, weight=weight)
-    )
+    return source_config(name=name, kind="arrayrecord", path=path, format=format, field=field, weight=weight)
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -59,7 +57,6 @@ def get_config() -> ml_collections.ConfigDict:
     c.optimizer.weight_decay = 0.1
     c.optimizer.clip_norm = 1.0
     c.tokenizer = "/data/cwm/tokenizer.model"  # placeholder: the release's tiktoken ranks file
-    c.data = default_data_config()
     c.data.sources = [
         # Execution traces (the release's Python memory traces) as trace records.
         _source("traces", "/gcs/YOUR_BUCKET/midtrain/traces/*.array_record", "trace", "trace", 0.4),
@@ -70,7 +67,6 @@ def get_config() -> ml_collections.ConfigDict:
     ]
     c.data.num_workers = 8
     c.eval.every = 2000
-    c.eval.data = default_data_config()
     c.eval.data.sources = [
         _source("traces_eval", "/gcs/YOUR_BUCKET/midtrain/eval/*.array_record", "trace", "trace", 1.0)
     ]

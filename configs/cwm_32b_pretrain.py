@@ -26,8 +26,10 @@ of the bucket (`/gcs/YOUR_BUCKET`, as MaxText's Grain pipeline does): Grain read
 
 import ml_collections
 
-from cwm_jax.data import default_data_config
+from cwm_jax.data import source_config
 from cwm_jax.train.config import default_config
+
+DATA = "/gcs/YOUR_BUCKET/pretrain"  # placeholder: your shards, through a gcsfuse mount of the bucket
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -50,44 +52,13 @@ def get_config() -> ml_collections.ConfigDict:
     c.optimizer.clip_norm = 1.0
     c.tokenizer = "/data/cwm/tokenizer.model"  # placeholder: the release's tiktoken ranks file
     # Placeholders: point them at your own tokenized or raw corpus (ArrayRecord of {"text": ...} records).
-    c.data = default_data_config()
     c.data.sources = [
-        ml_collections.ConfigDict(
-            dict(
-                name="code",
-                kind="arrayrecord",
-                path="/gcs/YOUR_BUCKET/pretrain/code/*.array_record",
-                format="text",
-                field="text",
-                weight=0.7,
-            )
-        ),
-        ml_collections.ConfigDict(
-            dict(
-                name="general",
-                kind="arrayrecord",
-                path="/gcs/YOUR_BUCKET/pretrain/general/*.array_record",
-                format="text",
-                field="text",
-                weight=0.3,
-            )
-        ),
+        source_config(name="code", kind="arrayrecord", path=f"{DATA}/code/*.array_record", weight=0.7),
+        source_config(name="general", kind="arrayrecord", path=f"{DATA}/general/*.array_record", weight=0.3),
     ]
     c.data.num_workers = 8
     c.eval.every = 2000
-    c.eval.data = default_data_config()
-    c.eval.data.sources = [
-        ml_collections.ConfigDict(
-            dict(
-                name="code_eval",
-                kind="arrayrecord",
-                path="/gcs/YOUR_BUCKET/pretrain/eval/*.array_record",
-                format="text",
-                field="text",
-                weight=1.0,
-            )
-        )
-    ]
+    c.eval.data.sources = [source_config(name="code_eval", kind="arrayrecord", path=f"{DATA}/eval/*.array_record")]
     c.checkpoint.every = 1000
     c.checkpoint.keep = 3
     c.log_every = 10

@@ -29,14 +29,12 @@ of the bucket (`/gcs/YOUR_BUCKET`, as MaxText's Grain pipeline does): Grain read
 
 import ml_collections
 
-from cwm_jax.data import default_data_config
+from cwm_jax.data import source_config
 from cwm_jax.train.config import default_config
 
 
 def _chat(name, path, weight):
-    return ml_collections.ConfigDict(
-        dict(name=name, kind="arrayrecord", path=path, format="chat", field="messages", weight=weight)
-    )
+    return source_config(name=name, kind="arrayrecord", path=path, format="chat", field="messages", weight=weight)
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -59,14 +57,12 @@ def get_config() -> ml_collections.ConfigDict:
     c.optimizer.weight_decay = 0.1
     c.optimizer.clip_norm = 1.0
     c.tokenizer = "/data/cwm/tokenizer.model"  # placeholder: the release's tiktoken ranks file
-    c.data = default_data_config()
     c.data.sources = [
         _chat("reasoning", "/gcs/YOUR_BUCKET/sft/reasoning/*.array_record", 0.6),
         _chat("instructions", "/gcs/YOUR_BUCKET/sft/instructions/*.array_record", 0.4),
     ]
     c.data.num_workers = 8
     c.eval.every = 500
-    c.eval.data = default_data_config()
     c.eval.data.sources = [_chat("sft_eval", "/gcs/YOUR_BUCKET/sft/eval/*.array_record", 1.0)]
     c.checkpoint.every = 500
     c.checkpoint.keep = 3

@@ -15,12 +15,12 @@ trajectories).
     python train.py --config configs/tiny_midtrain.py --workdir /tmp/tiny_midtrain [--config.init_from=MODEL_CKPT]
 """
 
-import importlib.util
 from pathlib import Path
 
 import ml_collections
 
 from cwm_jax.data import source_config
+from cwm_jax.train.config import load_config_file
 
 DATA = Path(__file__).resolve().parent / "data"
 # (name, kind, path, format, field, token share, mean length in byte tokens). The shares are chosen here (the
@@ -33,21 +33,11 @@ MIXTURE = [
 ]
 
 
-def _pretrain_config() -> ml_collections.ConfigDict:
-    # Config files are loaded by path, not as a package, so the sibling is loaded by path too.
-    spec = importlib.util.spec_from_file_location(
-        "tiny_pretrain", Path(__file__).resolve().with_name("tiny_pretrain.py")
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
-
-
 def get_config() -> ml_collections.ConfigDict:
-    c = _pretrain_config()
-    # The pre-training stage's weights: a model checkpoint (cwm_jax.checkpoint format, as cwm-convert writes it) whose
-    # config.json matches the model block. A tiny run's workdir holds training state, not that format, and no export
-    # step exists yet, so the default "" starts from random weights and the config runs on a fresh checkout.
+    c = load_config_file(Path(__file__).resolve().with_name("tiny_pretrain.py"))
+    # The pre-training stage's weights: its workdir (--config.init_from=runs/tiny) or a converted checkpoint whose
+    # architecture matches the model block. The default "" starts from random weights, so the config runs on a fresh
+    # checkout.
     c.init_from = ""
     c.seq_len = 1024
     # 4 x 1024 = 4096 tokens per step, 2x pre-training's 8 x 256 at a quarter of its rows; 4 rows still split over
@@ -58,7 +48,7 @@ def get_config() -> ml_collections.ConfigDict:
     # (XLA_FLAGS=--xla_force_host_platform_device_count=8), --config.mesh.sequence=2 runs context parallelism as the
     # 32B stage does (fsdp=4 x sequence=2; seq_len must divide by 2 x sequence).
     c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1, sequence=1))
-    # Continuing pre-training: a third of its peak and a short re-warmup (<= 5 so `--config.steps=5` smoke runs pass).
+    # Continuing pre-training: a third of its peak and a short re-warmup.
     c.optimizer.lr = 1e-3
     c.optimizer.warmup_steps = 5
     # data.sources[*].weight mixes records, not tokens: weight = token share / mean document length.

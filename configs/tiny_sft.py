@@ -12,36 +12,25 @@ toy data from standard library docstrings (configs/data/make_tiny_data.py).
     python train.py --config configs/tiny_sft.py --workdir /tmp/tiny_sft [--config.init_from=MODEL_CKPT]
 """
 
-import importlib.util
 from pathlib import Path
 
 import ml_collections
 
 from cwm_jax.data import source_config
+from cwm_jax.train.config import load_config_file
 
 DATA = Path(__file__).resolve().parent / "data"
 
 
-def _pretrain_config() -> ml_collections.ConfigDict:
-    # Config files are loaded by path, not as a package, so the sibling is loaded by path too.
-    spec = importlib.util.spec_from_file_location(
-        "tiny_pretrain", Path(__file__).resolve().with_name("tiny_pretrain.py")
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
-
-
 def get_config() -> ml_collections.ConfigDict:
-    c = _pretrain_config()
-    # The mid-training stage's weights: a model checkpoint (cwm_jax.checkpoint format, as cwm-convert writes it) whose
-    # config.json matches the model block. A tiny run's workdir holds training state, not that format, and no export
-    # step exists yet, so the default "" starts from random weights and the config runs on a fresh checkout.
+    c = load_config_file(Path(__file__).resolve().with_name("tiny_pretrain.py"))
+    # The mid-training stage's weights: its workdir or a converted checkpoint whose architecture matches the model
+    # block. The default "" starts from random weights, so the config runs on a fresh checkout.
     c.init_from = ""
     c.seq_len = 512
     c.global_batch = 8
     c.steps = 100
-    # Fine-tuning: a tenth of pre-training's peak, a short warmup (<= 5 so `--config.steps=5` smoke runs pass).
+    # Fine-tuning: a tenth of pre-training's peak, a short warmup.
     c.optimizer.lr = 3e-4
     c.optimizer.warmup_steps = 5
     c.data.sources = [

@@ -97,6 +97,14 @@ def _carried(src: str) -> list[str]:
     return [os.path.join(src, f) for f in CARRIED_FILES if os.path.isfile(os.path.join(src, f))]
 
 
+def _model_bytes(config, dtype: str) -> int:
+    """Bytes of every tensor of a model of `config` stored in `dtype` (a progress bar's total)."""
+    from cwm_jax.hf import hf_layout, numpy_dtype
+
+    count = sum(int(np.prod(shape)) for _, shape, _, _ in hf_layout(config).values())
+    return count * np.dtype(numpy_dtype(dtype)).itemsize
+
+
 def _cast(tensors: Iterator, dtype: str, progress: Progress) -> Iterable[tuple[tuple[str, ...], np.ndarray]]:
     """(canonical path, array in `dtype`) per source tensor, counting source bytes read."""
     from cwm_jax.hf import numpy_dtype
@@ -144,15 +152,12 @@ def train_to_orbax(
     src: str, dst: str, dtype: str | None = None, step: int | None = None, overwrite: bool = False, quiet: bool = False
 ) -> str:
     """A training workdir's trained model (latest step, or `step`) -> a converted checkpoint; returns the summary."""
-    from cwm_jax import hf
     from cwm_jax.train import export
     from cwm_jax.train.config import model_config
 
     run = export.run_config_of(src, step)
     config = model_config(run)
-    itemsize = np.dtype(hf.numpy_dtype(dtype or run.dtype)).itemsize
-    total = sum(int(np.prod(shape)) for _, shape, _, _ in hf.hf_layout(config).values())
-    progress = Progress(total * itemsize, "train-to-orbax", quiet)
+    progress = Progress(_model_bytes(config, dtype or run.dtype), "train-to-orbax", quiet)
     export.export(src, dst, step=step, dtype=dtype, overwrite=overwrite, on_leaf=lambda path, n: progress.update(n))
     return progress.summary(dst)
 
@@ -164,8 +169,7 @@ def orbax_to_hf(
     from cwm_jax import checkpoint, hf
 
     config = checkpoint.read_config(src)
-    total = sum(int(np.prod(shape)) for _, shape, _, _ in hf.hf_layout(config).values())
-    progress = Progress(total * np.dtype(hf.numpy_dtype(config.param_dtype)).itemsize, "orbax-to-hf", quiet)
+    progress = Progress(_model_bytes(config, config.param_dtype), "orbax-to-hf", quiet)
 
     def write(folder: str) -> None:
         hf.write_hf_streaming(

@@ -9,8 +9,6 @@ The parity step needs the test extra (torch, transformers): `pip install -e ".[t
 from __future__ import annotations
 
 import argparse
-import importlib.util
-import logging
 import shutil
 import sys
 import tempfile
@@ -24,15 +22,14 @@ def _tiny_pretrain_config():
     path = Path(__file__).resolve().parents[1] / "configs" / "tiny_pretrain.py"
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: run cwm-demo from a checkout of the cwm-jax repository")
-    spec = importlib.util.spec_from_file_location("tiny_pretrain", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
+    from cwm_jax.train.config import load_config_file
+
+    return load_config_file(path)
 
 
 def train_demo(workdir: Path, steps: int | None) -> int:
     """Train the tiny config in `workdir` (a previous demo run there is replaced); print the loss curve's ends."""
-    from cwm_jax.train.loop import train
+    from cwm_jax.train.loop import setup_logging, train
 
     if workdir.exists():
         if not (workdir / MARKER).exists():
@@ -46,9 +43,7 @@ def train_demo(workdir: Path, steps: int | None) -> int:
         cfg.steps = steps
         cfg.optimizer.warmup_steps = min(cfg.optimizer.warmup_steps, steps)
     print(f"training configs/tiny_pretrain.py for {cfg.steps} steps in {workdir} (checkpoints, TensorBoard events)")
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S", force=True)
-    for noisy in ("absl", "orbax", "jax._src", "grain"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    setup_logging()
     start = time.perf_counter()
     history = train(cfg, workdir)["history"]
     first, last = history[0], history[-1]

@@ -249,7 +249,7 @@ def _matmul(x, w, n_in: int):
     """x [B, T, *in] @ w [*in, *out] -> [B, T, prod(out)] in x's dtype, as one 2-D matmul over B * T rows.
 
     The same contraction as an einsum over (B, T), but XLA's CPU backend runs the 2-D form's backward (weight
-    gradients contract over the B * T rows) about 1.7x faster; on TPU the reshapes are free.
+    gradients contract over the B * T rows) faster (BENCHMARKS.md, training step); on TPU the reshapes are free.
     """
     B, T = x.shape[:2]
     k = math.prod(w.shape[:n_in])

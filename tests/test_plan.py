@@ -3,7 +3,6 @@ ahead-of-time compile for a small TPU topology against the estimate (needs libtp
 installs `jax[tpu]` for the installed jax)."""
 
 import contextlib
-import importlib.util
 import io
 import math
 import re
@@ -49,13 +48,6 @@ def small_run(**overrides) -> ml_collections.ConfigDict:
             node = node[p]
         node[last] = value
     return cfg
-
-
-def load_config(path: str) -> ml_collections.ConfigDict:
-    spec = importlib.util.spec_from_file_location("run_config_under_test", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
 
 
 def shard_bytes(tree) -> int:
@@ -177,7 +169,7 @@ def test_remat_and_recompute_flops():
 
 @pytest.mark.parametrize("stage", ["pretrain", "midtrain", "sft"])
 def test_32b_stage_configs_validate_and_fit(stage):
-    cfg = load_config(f"{CONFIGS}/cwm_32b_{stage}.py")
+    cfg = run_config.load_config_file(f"{CONFIGS}/cwm_32b_{stage}.py")
     p = plan.estimate(cfg)  # on the config's own topology
     assert cfg.model.preset == "cwm_32b" and cfg.topology
     assert p.fits, plan.format_plan(p, cfg)

@@ -1,6 +1,5 @@
 """The training loop end to end: train.py, checkpoints, exact resume after SIGKILL, two processes = one process."""
 
-import importlib.util
 import json
 import os
 import signal
@@ -15,6 +14,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from cwm_jax.train import loop
+from cwm_jax.train.config import load_config_file
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 8
@@ -46,12 +46,10 @@ def get_config():
 # Runs the loop in a child process that SIGKILLs itself: right after the async save of step K is started ("save"),
 # or right after step K is computed, between saves ("step").
 DRIVER = """
-import importlib.util, os, signal, sys
+import os, signal, sys
 from cwm_jax.train import loop
+from cwm_jax.train.config import load_config_file
 
-spec = importlib.util.spec_from_file_location("run_config", sys.argv[1])
-module = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(module)
 workdir, mode, at = sys.argv[2], sys.argv[3], int(sys.argv[4])
 if mode == "save":
     original_save = loop._save
@@ -69,15 +67,8 @@ elif mode == "step":
             os.kill(os.getpid(), signal.SIGKILL)
         return out
     loop.Trainer.step = step
-loop.train(module.get_config(), workdir)
+loop.train(load_config_file(sys.argv[1]), workdir)
 """
-
-
-def _load_config(path: Path):
-    spec = importlib.util.spec_from_file_location("run_config", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
 
 
 def _final_params(workdir: Path, step: int = STEPS) -> dict:
@@ -115,7 +106,7 @@ def config_file(run_dir):
 def reference_run(run_dir, config_file):
     """The uninterrupted run, in this process (8 CPU devices, fsdp=8): (per-step losses, final params)."""
     workdir = run_dir / "reference"
-    state = loop.train(_load_config(config_file), workdir)
+    state = loop.train(load_config_file(config_file), workdir)
     losses = [h["loss"] for h in state["history"] if "loss" in h]
     assert len(losses) == STEPS and losses[-1] < losses[0]
     return np.array(losses), _final_params(workdir)
@@ -281,7 +272,7 @@ def test_export_to_a_converted_checkpoint_and_init_from_a_workdir(reference_run,
     assert convert_main(["train-to-orbax", str(workdir), str(tmp_path / "export")]) == 2  # exists, no --overwrite
     assert convert_main(["train-to-orbax", str(tmp_path / "nothing"), str(tmp_path / "x")]) == 2
 
-    cfg = _load_config(config_file)
+    cfg = load_config_file(config_file)
     cfg.init_from = str(workdir)
     trainer = Trainer(cfg, model_config(cfg), make_mesh(fsdp=4, tensor=2))
     params = loop._initial_params(cfg, trainer)

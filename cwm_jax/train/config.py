@@ -9,6 +9,8 @@ exists, so a misconfigured pod job fails in seconds, not after minutes of compil
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
+from pathlib import Path
 
 import ml_collections
 
@@ -67,6 +69,17 @@ def default_config() -> ml_collections.ConfigDict:
     c.topology = ""
     c.sample = ml_collections.ConfigDict(dict(prompt="def ", max_new_tokens=64))
     return c
+
+
+def load_config_file(path) -> ml_collections.ConfigDict:
+    """The `get_config()` of a run config file, loaded by path (configs/ is a folder of files, not a package)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such run config file")
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
 
 
 def model_config(cfg) -> CwmConfig:

@@ -302,16 +302,17 @@ def _evaluate(cfg, trainer: Trainer, tokenizer, params, step: int, metrics_out: 
 
 def sample(trainer: Trainer, params, tokenizer, prompt: str, max_new_tokens: int, *, temperature=0.8, seed=0) -> str:
     """Text the model writes after `prompt` (for the end-of-run sample and the demo)."""
-    from cwm_jax.generate import generate
+    from cwm_jax.generator import Generator
 
     with jax.set_mesh(trainer.mesh):
-        model = trainer.model(params)
-        ids = generate(
-            model,
-            [tokenizer.encode(prompt, bos=True)],
-            max_new_tokens,
-            temperature=temperature,
-            seed=seed,
-            stop_ids=tokenizer.stop_ids,
-        )[0]
-    return prompt + tokenizer.decode([i for i in ids if i not in tokenizer.stop_ids])
+        generator = Generator(trainer.model(params), tokenizer)
+        return prompt + generator.complete(
+            prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_p=None, seed=seed
+        )
+
+
+def setup_logging() -> None:
+    """The training log on stderr (time and message), without the libraries' chatter below warnings."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S", force=True)
+    for noisy in ("absl", "orbax", "jax._src", "grain"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)

@@ -100,21 +100,26 @@ class Trainer:
             remat=cfg.remat,
             sequence_layout="zigzag" if self.sequence_shards > 1 else "natural",
         )
-        abstract_params = self._abstract_params()
+        # Shapes and dtypes of the state (no arrays): the basis of its shardings and of `abstract_state`.
+        self._param_shapes = jax.eval_shape(lambda: hf.model_params(CwmModel(self.model_config, rngs=nnx.Rngs(0))))
+        self._opt_shapes = jax.eval_shape(self.optimizer.init, self._param_shapes)
         specs = jax.tree.map(
             lambda axes, x: sharding.logical_to_spec(axes, x.shape, self.mesh),
             param_axes(self.model_config),
-            abstract_params,
+            self._param_shapes,
             is_leaf=lambda x: isinstance(x, tuple),
         )
         self.param_shardings = jax.tree.map(self._named, specs, is_leaf=lambda x: isinstance(x, PartitionSpec))
-        abstract_opt = jax.eval_shape(self.optimizer.init, abstract_params)
-        self.opt_shardings = _opt_shardings(abstract_opt, specs, self.mesh)
+        self.opt_shardings = _opt_shardings(self._opt_shapes, specs, self.mesh)
         scalar = self._named(PartitionSpec())
         self.state_shardings = dict(
             step=scalar, params=self.param_shardings, opt_state=self.opt_shardings, skipped=scalar
         )
         self.batch_sharding = self._named(sharding.logical_to_spec(BATCH_AXES, self.batch_shape, self.mesh))
+        B = self.batch_shape[0]
+        indices = self.batch_sharding.addressable_devices_indices_map(self.batch_shape).values()
+        self._local_rows = sorted({r for index in indices for r in range(*index[0].indices(B))})
+        self._row_position = {r: i for i, r in enumerate(self._local_rows)}
         batch_shardings = {k: self.batch_sharding for k in BATCH_KEYS}
         self._step = jax.jit(
             self._train_step,
@@ -135,15 +140,12 @@ class Trainer:
     def _named(self, spec):
         return NamedSharding(self.mesh, spec)
 
-    def _abstract_params(self):
-        return jax.eval_shape(lambda: hf.model_params(CwmModel(self.model_config, rngs=nnx.Rngs(0))))
-
     def abstract_state(self) -> dict:
         """ShapeDtypeStructs (with shardings) of the state: the target of a checkpoint restore and of AOT compiles."""
         shapes = dict(
             step=jax.ShapeDtypeStruct((), jnp.int32),
-            params=self._abstract_params(),
-            opt_state=jax.eval_shape(self.optimizer.init, self._abstract_params()),
+            params=self._param_shapes,
+            opt_state=self._opt_shapes,
             skipped=jax.ShapeDtypeStruct((), jnp.int32),
         )
         return jax.tree.map(
@@ -183,26 +185,21 @@ class Trainer:
     def local_rows(self) -> list[int]:
         """The global batch rows this process's devices hold (sorted): what its data iterator must produce. Hosts
         share a row when the row's sequence is split over devices of several hosts (context parallelism)."""
-        B, _ = self.batch_shape
-        rows: set[int] = set()
-        for index in self.batch_sharding.addressable_devices_indices_map(self.batch_shape).values():
-            rows.update(range(*index[0].indices(B)))
-        return sorted(rows)
+        return list(self._local_rows)
 
     def global_batch(self, local: dict) -> dict:
         """Device arrays of the global batch from this process's rows (numpy [len(local_rows()), T] per key, in
         `local_rows()` order), in the zigzag layout when the sequence is sharded."""
         B, T = self.batch_shape
         n = self.sequence_shards
-        where = {r: i for i, r in enumerate(self.local_rows())}
+        where = self._row_position
 
         def build(x_bT):
             x_bT = to_zigzag(np.asarray(x_bT), n) if n > 1 else np.asarray(x_bT)
 
             def shard(index):
-                first = range(*index[0].indices(B))[0]
-                rows = slice(where[first], where[first] + len(range(*index[0].indices(B))))
-                return x_bT[rows, index[1]]
+                rows = range(*index[0].indices(B))  # consecutive global rows, all local
+                return x_bT[where[rows[0]] : where[rows[0]] + len(rows), index[1]]
 
             return jax.make_array_from_callback((B, T), self.batch_sharding, shard)
 
@@ -226,12 +223,16 @@ class Trainer:
         with jax.set_mesh(self.mesh):
             return self._eval(params, batch)
 
-    def _loss(self, params, batch, total):
+    def _sums(self, params, batch):
+        """(summed token NLL, summed logsumexp^2) over the batch's loss tokens."""
         model = hf.model_from_params(self.model_config, params, **self.model_kwargs)
         h_BTD = model(batch["inputs"], batch["positions"], batch["segment_ids"], return_hidden=True)
-        nll, z = chunked_cross_entropy(
+        return chunked_cross_entropy(
             h_BTD, params["lm_head"], batch["targets"], batch["loss_mask"], self.cfg.loss.chunk
         )
+
+    def _loss(self, params, batch, total):
+        nll, z = self._sums(params, batch)
         loss = (nll + float(self.cfg.loss.z_loss) * z) / total
         return loss, (nll, z)
 
@@ -242,7 +243,7 @@ class Trainer:
         gradient (up to float rounding).
         """
         M = self.cfg.microbatches
-        total = jnp.maximum(jnp.sum(batch["loss_mask"].astype(jnp.float32)), 1.0)
+        total = _loss_tokens(batch)
         grad_fn = jax.value_and_grad(self._loss, has_aux=True)
         if M == 1:
             (loss, (nll, z)), grads = grad_fn(params, batch, total)
@@ -266,7 +267,7 @@ class Trainer:
 
     def _train_step(self, state, batch):
         params = state["params"]
-        total = jnp.maximum(jnp.sum(batch["loss_mask"].astype(jnp.float32)), 1.0)
+        total = _loss_tokens(batch)
         loss, nll, z, grads = self.loss_and_grads(params, batch)
         grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
@@ -295,12 +296,13 @@ class Trainer:
         return new_state, metrics
 
     def _eval_step(self, params, batch):
-        model = hf.model_from_params(self.model_config, params, **self.model_kwargs)
-        h_BTD = model(batch["inputs"], batch["positions"], batch["segment_ids"], return_hidden=True)
-        nll, _ = chunked_cross_entropy(
-            h_BTD, params["lm_head"], batch["targets"], batch["loss_mask"], self.cfg.loss.chunk
-        )
+        nll, _ = self._sums(params, batch)
         return nll, jnp.sum(batch["loss_mask"].astype(jnp.float32))
+
+
+def _loss_tokens(batch):
+    """The loss tokens of a batch (at least 1, so an all-masked batch divides by 1)."""
+    return jnp.maximum(jnp.sum(batch["loss_mask"].astype(jnp.float32)), 1.0)
 
 
 def _opt_shardings(abstract_opt, param_specs: dict, mesh):
