@@ -44,6 +44,8 @@ setup(
             "nbformat>=5.10",
             "ipykernel>=6.29",
             "tensorflow-datasets>=4.9",
+            # Property-based shapes for the attention kernels (tests/test_kernels_*.py).
+            "hypothesis>=6.100",
         ],
         # TFDS datasets as Grain sources (`tfds.data_source`; no TensorFlow needed).
         "data": ["tensorflow-datasets>=4.9"],

@@ -15,6 +15,8 @@ Chosen here, and why:
   schedules compare; 5T tokens are `steps` = 1,192,093 steps.
 - mesh: sequence=8 (context parallelism: each chip holds 16384 positions of a row) x fsdp=32; one row per fsdp
   group. Tensor parallelism is not needed: FSDP holds the weights and the sequence axis splits the activations.
+- attention_impl "splash": JAX's TPU kernel, tuned on TPUs; ours ("pallas") is verified here only by interpret
+  mode and Mosaic compilation (README, "Attention kernels").
 - remat "full": at 16384 positions per chip only the layer inputs can be kept.
 - optimizer: AdamW continuing pre-training at a lower peak (1e-4) with a short re-warmup (1000 steps) and cosine to
   10%, the usual way to extend context without forgetting; b2, weight decay and clipping as in pre-training.
@@ -48,6 +50,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.steps = 1_192_093  # 5e12 tokens / (32 x 131072)
     c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1, sequence=8))
     c.dtype = "bfloat16"
+    c.attention_impl = "splash"  # the TPU default: README "Attention kernels" says why
     c.remat = "full"
     c.loss.chunk = 1024
     c.optimizer.lr = 1e-4

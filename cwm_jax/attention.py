@@ -28,7 +28,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-IMPLS = ("xla", "dense")
+IMPLS = ("xla", "dense", "pallas", "splash")
+KERNEL_IMPLS = ("pallas", "splash")
 
 
 def _check_inputs(q_BTNH, k_BTKH, v_BTKH, window, segment_ids_BT):
@@ -379,11 +380,17 @@ def attention(
 
     window: W keys per query (itself included) for a sliding-window local layer; None for a causal global layer.
     segment_ids_BT: int32 [B, T] document ids for packed sequences; queries only see keys of their own document.
-    impl: "xla" (blocked FlashAttention-2 reference with O(T) memory) or "dense" (attention_dense, O(T^2)).
-    block_q, block_k: block sizes of the "xla" implementation, clamped for short sequences.
+    impl: "xla" (blocked FlashAttention-2 reference with O(T) memory), "dense" (attention_dense, O(T^2)), "pallas"
+      (this project's Pallas kernel: Mosaic on TPU, Triton on GPU, the TPU kernel in interpret mode on CPU) or
+      "splash" (JAX's splash attention; TPU, or interpret mode on CPU). Under a mesh the kernels run per shard.
+    block_q, block_k: block sizes of the "xla" implementation, clamped for short sequences. The kernels use their own
+      per-backend defaults (`kernel_attention` takes block sizes).
     """
     if impl == "dense":
         return attention_dense(q_BTNH, k_BTKH, v_BTKH, window=window, segment_ids_BT=segment_ids_BT)
+    if impl in KERNEL_IMPLS:
+        window = _check_inputs(q_BTNH, k_BTKH, v_BTKH, window, segment_ids_BT)
+        return kernel_attention(q_BTNH, k_BTKH, v_BTKH, window=window, segment_ids_BT=segment_ids_BT, impl=impl)
     if impl != "xla":
         raise ValueError(f"unknown attention impl {impl!r}; valid values are {', '.join(map(repr, IMPLS))}")
     window = _check_inputs(q_BTNH, k_BTKH, v_BTKH, window, segment_ids_BT)
@@ -396,3 +403,69 @@ def attention(
         if segment_ids_BT is not None:
             segment_ids_BT = jnp.pad(segment_ids_BT, ((0, 0), (0, pad)), mode="edge")
     return _attention_blocked(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT, window, Q, C)[:, :T]
+
+
+def kernel_function(impl: str, backend: str | None = None, **kwargs):
+    """The kernel behind impl "pallas" or "splash" for `backend` (default: JAX's), as f(q, k, v, segment_ids_BT=...,
+    window=...) with `kwargs` (block sizes) bound.
+
+    "pallas": the Mosaic kernel on TPU, the Triton kernel on GPU, the TPU kernel in interpret mode elsewhere (so CPU
+    tests run the code a TPU compiles). "splash": JAX's splash kernel on TPU, interpret mode on CPU; no GPU version.
+    """
+    backend = backend or jax.default_backend()
+    if impl == "splash":
+        if backend == "gpu":
+            raise ValueError('attention_impl="splash" is TPU-only (JAX\'s splash kernel); use "pallas" on GPU')
+        from cwm_jax.kernels import splash
+
+        return functools.partial(splash.splash_attention, interpret=backend != "tpu", **kwargs)
+    if impl != "pallas":
+        raise ValueError(f"unknown kernel impl {impl!r}; valid values are {', '.join(map(repr, KERNEL_IMPLS))}")
+    if backend == "gpu":
+        from cwm_jax.kernels import flash_gpu
+
+        return functools.partial(flash_gpu.flash_attention, **kwargs)
+    from cwm_jax.kernels import flash_tpu
+
+    # interpret=True is Pallas' plain discharge interpreter: pure JAX, so it also runs per shard under shard_map on
+    # host devices (the TPU interpreter, pltpu.InterpretParams, simulates devices with callbacks; tests use it alone).
+    return functools.partial(flash_tpu.flash_attention, interpret=backend != "tpu", **kwargs)
+
+
+def kernel_mesh_axes(kv_shape_BSKH):
+    """(manual axes, batch axes, head axes) for running a kernel per shard under the current mesh, or None without an
+    Auto mesh axis. Batch goes over the data axes and heads over the tensor axis, as the sharding rules lay
+    activations out (an axis that does not divide a dimension is dropped); q follows the KV heads' split, so each
+    shard holds whole GQA groups."""
+    from cwm_jax import sharding
+
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh is None or mesh.empty:
+        return None
+    auto = [a for a, t in zip(mesh.axis_names, mesh.axis_types, strict=True) if t == jax.sharding.AxisType.Auto]
+    if not auto:
+        return None
+    spec = sharding.logical_to_spec(("act_batch", None, "act_kv_heads", None), kv_shape_BSKH, mesh)
+    return frozenset(auto), spec[0], spec[2]
+
+
+def kernel_attention(q_BTNH, k_BTKH, v_BTKH, *, window=None, segment_ids_BT=None, impl="pallas", **kwargs):
+    """Attention through a Pallas kernel (`kernel_function`), per shard under a mesh.
+
+    Pallas kernels see one device's arrays, so under a mesh (`jax.set_mesh`) they run inside `jax.shard_map` over
+    `kernel_mesh_axes`. The sequence stays whole: a sharded sequence goes through `cwm_jax.context_parallel`.
+    """
+    run = kernel_function(impl, **kwargs)
+    args = (q_BTNH, k_BTKH, v_BTKH) + (() if segment_ids_BT is None else (segment_ids_BT,))
+
+    def body(q, k, v, seg=None):
+        return run(q, k, v, window=window, segment_ids_BT=seg)
+
+    axes = kernel_mesh_axes(k_BTKH.shape)
+    if axes is None:
+        return body(*args)
+    manual, batch_axes, head_axes = axes
+    spec = jax.sharding.PartitionSpec(batch_axes, None, head_axes, None)
+    in_specs = (spec, spec, spec) + (() if segment_ids_BT is None else (jax.sharding.PartitionSpec(batch_axes, None),))
+    # check_vma=False: pallas_call outputs carry no varying-axis types; every operand is mapped by the specs above.
+    return jax.shard_map(body, in_specs=in_specs, out_specs=spec, axis_names=manual, check_vma=False)(*args)

@@ -23,8 +23,10 @@ import numpy as np
 from flax import nnx
 from jax.experimental import io_callback
 
+from cwm_jax import attention as attn_lib
 from cwm_jax import sharding
 from cwm_jax.config import CwmConfig
+from cwm_jax.kernels.decode import decode_attention
 from cwm_jax.model import CwmModel, rms_norm, rope_cos_sin
 
 
@@ -90,6 +92,28 @@ def _masked_attention(q_BTNH, k_BSKH, v_BSKH, vis_BTS):
     return o_BTKGH.reshape(B, T, N, H).astype(q_BTNH.dtype)
 
 
+def _decode_per_shard(q_BTNH, k_BSKH, v_BSKH, q_pos_BT, k_pos_BS=None, *, window=None, layer=None, interpret=False):
+    """`decode_attention`, inside `jax.shard_map` under a mesh (batch over the data axes, heads over tensor, as the
+    cache is laid out), so each device runs the kernel on its own shard of the cache; k, v may be layer stacks."""
+    run = functools.partial(decode_attention, window=window, interpret=interpret)
+    axes = attn_lib.kernel_mesh_axes(k_BSKH.shape[-4:])
+    if axes is None:
+        return run(q_BTNH, k_BSKH, v_BSKH, q_pos_BT, k_pos_BS, layer=layer)
+    manual, b, h = axes
+    P = jax.sharding.PartitionSpec
+    kv_spec = P(*(None,) * (k_BSKH.ndim - 4), b, None, h, None)
+    args = [q_BTNH, k_BSKH, v_BSKH, q_pos_BT] + ([] if k_pos_BS is None else [k_pos_BS])
+    specs = [P(b, None, h, None), kv_spec, kv_spec, P(b, None)] + ([] if k_pos_BS is None else [P(b, None)])
+    if layer is not None:
+        args, specs = args + [layer], specs + [P()]
+
+    def body(q, k, v, qp, *rest):
+        kp = rest[0] if k_pos_BS is not None else None
+        return run(q, k, v, qp, kp, layer=rest[-1] if layer is not None else None)
+
+    return jax.shard_map(body, in_specs=tuple(specs), out_specs=specs[0], axis_names=manual, check_vma=False)(*args)
+
+
 def _ring_write_slots(positions_BT, R):
     """Ring slot of each new token, or R (dropped by the scatter) for padding and for tokens that a later token of
     the same chunk overwrites (only the chunk's last R positions survive, so the scatter never has duplicates)."""
@@ -115,6 +139,10 @@ def forward_cached(model: CwmModel, tokens_BT, positions_BT, cache: KVCache, *, 
     holds; position < 0 marks padding. Returns (fp32 logits [B, T, V], or final hidden states [B, T, D] with
     return_hidden, and the new cache). A chunk may be longer than the window: local layers attend over the ring plus
     the chunk's own keys, then keep the chunk's last R positions.
+
+    With `model.attention_impl == "pallas"` attention runs in the decode kernel (`cwm_jax.kernels.decode`): compiled
+    on TPU, in interpret mode on the CPU (slow; for tests). On GPU the dense masked path stays (the kernel is Mosaic,
+    and interpreting it there would be far slower than the dense path).
     """
     c = model.config
     dtype = jnp.dtype(c.dtype)
@@ -133,7 +161,11 @@ def forward_cached(model: CwmModel, tokens_BT, positions_BT, cache: KVCache, *, 
     local_idx_L = jnp.asarray(np.cumsum(~is_global) - 1, jnp.int32)
     layer_params = {name: p[...] for name, p in model.layers.items()}
     b_B1 = jnp.arange(B, dtype=jnp.int32)[:, None]
-    q_pos_BT1 = jnp.where(valid_BT, positions_BT, -1)[:, :, None]
+    q_pos_BT = jnp.where(valid_BT, positions_BT, -1)
+    q_pos_BT1 = q_pos_BT[:, :, None]
+    backend = jax.default_backend()
+    use_kernel = model.attention_impl == "pallas" and backend != "gpu"
+    kernel = functools.partial(_decode_per_shard, interpret=backend != "tpu")
 
     # Global: write first (slot = position), then attend over the whole cache by position.
     global_slot_BT = jnp.where(valid_BT, positions_BT, S)
@@ -141,6 +173,7 @@ def forward_cached(model: CwmModel, tokens_BT, positions_BT, cache: KVCache, *, 
     # Local: keys are [ring as it was before this chunk, the chunk itself], masked by position q - W < k <= q.
     if R:
         ring_slot_BT = _ring_write_slots(positions_BT, R)
+        ring_pos_BR = cache.local_pos.at[b_B1, ring_slot_BT].set(positions_BT, mode="drop")  # after this chunk
         k_pos_BS = jnp.concatenate([cache.local_pos, jnp.where(valid_BT, positions_BT, -1)], axis=1)[:, None, :]
         local_vis_BTS = (k_pos_BS >= 0) & (k_pos_BS <= q_pos_BT1) & (k_pos_BS > q_pos_BT1 - W) & valid_BT[:, :, None]
 
@@ -148,14 +181,29 @@ def forward_cached(model: CwmModel, tokens_BT, positions_BT, cache: KVCache, *, 
         k_g, v_g, k_l, v_l = caches
         k_g = k_g.at[gi, b_B1, global_slot_BT].set(k_BTKH.astype(k_g.dtype), mode="drop")
         v_g = v_g.at[gi, b_B1, global_slot_BT].set(v_BTKH.astype(v_g.dtype), mode="drop")
+        if use_kernel:
+            # The whole stack with the layer index: the kernel reads only this layer's blocks up to each sequence's
+            # last position, where slicing k_g[gi] would copy the layer's whole cache first.
+            return kernel(q_BTNH, k_g, v_g, q_pos_BT, layer=gi), (k_g, v_g, k_l, v_l)
         k_BSKH, v_BSKH = k_g[gi].astype(dtype), v_g[gi].astype(dtype)
         return _masked_attention(q_BTNH, k_BSKH, v_BSKH, global_vis_BTS), (k_g, v_g, k_l, v_l)
 
     def local_attend(q_BTNH, k_BTKH, v_BTKH, caches, gi, li):
         k_g, v_g, k_l, v_l = caches
+        if use_kernel and T == 1:
+            # One new token overwrites the ring slot of position p - R, which its window (p - W, p] never sees
+            # (R = W), or an empty slot (R < W: the context never exceeds R): write first, then attend over the ring
+            # stack in place, with no copy of the ring into a [ring, chunk] array.
+            k_l = k_l.at[li, b_B1, ring_slot_BT].set(k_BTKH.astype(k_l.dtype), mode="drop")
+            v_l = v_l.at[li, b_B1, ring_slot_BT].set(v_BTKH.astype(v_l.dtype), mode="drop")
+            o_BTNH = kernel(q_BTNH, k_l, v_l, q_pos_BT, ring_pos_BR, window=W, layer=li)
+            return o_BTNH, (k_g, v_g, k_l, v_l)
         k_BSKH = jnp.concatenate([k_l[li].astype(dtype), k_BTKH], axis=1)
         v_BSKH = jnp.concatenate([v_l[li].astype(dtype), v_BTKH], axis=1)
-        o_BTNH = _masked_attention(q_BTNH, k_BSKH, v_BSKH, local_vis_BTS)
+        if use_kernel:
+            o_BTNH = kernel(q_BTNH, k_BSKH, v_BSKH, q_pos_BT, k_pos_BS[:, 0], window=W)
+        else:
+            o_BTNH = _masked_attention(q_BTNH, k_BSKH, v_BSKH, local_vis_BTS)
         k_l = k_l.at[li, b_B1, ring_slot_BT].set(k_BTKH.astype(k_l.dtype), mode="drop")
         v_l = v_l.at[li, b_B1, ring_slot_BT].set(v_BTKH.astype(v_l.dtype), mode="drop")
         return o_BTNH, (k_g, v_g, k_l, v_l)
@@ -176,10 +224,7 @@ def forward_cached(model: CwmModel, tokens_BT, positions_BT, cache: KVCache, *, 
     caches = (cache.k_global, cache.v_global, cache.k_local, cache.v_local)
     xs = (layer_params, jnp.asarray(is_global), global_idx_L, local_idx_L)
     (x_BTD, caches), _ = jax.lax.scan(body, (x_BTD, caches), xs)
-    local_pos = cache.local_pos
-    if R:
-        local_pos = local_pos.at[b_B1, ring_slot_BT].set(positions_BT, mode="drop")
-    new_cache = constrain_cache(KVCache(*caches, local_pos))
+    new_cache = constrain_cache(KVCache(*caches, ring_pos_BR if R else cache.local_pos))
     h_BTD = rms_norm(x_BTD, model.final_norm[...], c.rms_norm_eps)
     return (h_BTD if return_hidden else model.logits(h_BTD)), new_cache
 

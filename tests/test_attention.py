@@ -285,7 +285,7 @@ def test_impl_dispatch_and_errors():
         np.asarray(attention(q, k, v, window=3, segment_ids_BT=seg, impl="dense")),
         np.asarray(attention_dense(q, k, v, window=3, segment_ids_BT=seg)),
     )
-    with pytest.raises(ValueError, match="'xla', 'dense'"):
-        attention(q, k, v, impl="pallas")
+    with pytest.raises(ValueError, match="'xla', 'dense', 'pallas', 'splash'"):
+        attention(q, k, v, impl="flash")
     with pytest.raises(ValueError, match="window"):
         attention(q, k, v, window=0)

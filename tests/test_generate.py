@@ -215,7 +215,9 @@ def test_stops_on_eos_per_sequence(hf_pair):
     assert gen.generate(model, prompts, 20, stop_ids=eos_ids) == out
 
 
-def test_generation_from_a_sharded_model_equals_unsharded():
+@pytest.mark.parametrize("impl", ["xla", "pallas"])
+def test_generation_from_a_sharded_model_equals_unsharded(impl):
+    """Also with the decode kernel (impl "pallas", interpret mode here), which runs per shard of the cache."""
     from cwm_jax import sharding
     from cwm_jax.config import cwm_tiny
     from cwm_jax.model import CwmModel
@@ -224,7 +226,7 @@ def test_generation_from_a_sharded_model_equals_unsharded():
     prompts = [[5, 9, 200, 3, 7], [11, 2, 3, 4, 5, 6, 7, 8, 9, 10, 12, 13, 14]]
     plain = gen.generate(CwmModel(cfg, rngs=nnx.Rngs(3)), prompts, 20)
     mesh = sharding.make_mesh(fsdp=4, tensor=2)
-    model = sharding.init_sharded(lambda: CwmModel(cfg, rngs=nnx.Rngs(3)), mesh)
+    model = sharding.init_sharded(lambda: CwmModel(cfg, rngs=nnx.Rngs(3), attention_impl=impl), mesh)
     assert model.layers["q"][...].sharding.spec[1] == "fsdp"
     with jax.set_mesh(mesh):
         sharded = gen.generate(model, prompts, 20)

@@ -61,11 +61,23 @@ def test_logits_match_transformers_fp32(hf_model_factory, case):
     np.testing.assert_allclose(np.asarray(model.logits(h[:, -1:])), out[:, -1:], atol=1e-5, rtol=0)
 
 
-def test_gradients_match_transformers(hf_model_factory):
+@pytest.mark.parametrize("impl", ["pallas", "splash"])
+def test_kernel_impls_match_transformers_fp32(hf_model_factory, impl):
+    """The Pallas kernels (interpret mode on this CPU) inside the whole model: same bar as the XLA reference."""
+    for case in sorted(CASES):
+        folder, torch_model = hf_model_factory(initializer_range=0.1, **CASES[case])
+        model = hf.load_hf(folder, attention_impl=impl)
+        ids = _tokens(model.config.vocab_size)
+        out = np.asarray(nnx.jit(lambda m, x: m(x))(model, jnp.asarray(ids)))
+        np.testing.assert_allclose(out, _torch_logits(torch_model, ids), atol=1e-4, rtol=0, err_msg=case)
+
+
+@pytest.mark.parametrize("impl", ["xla", "pallas", "splash"])
+def test_gradients_match_transformers(hf_model_factory, impl):
     # No pad token: torch's nn.Embedding(padding_idx=...) zeroes that row's gradient, a training convention of the
     # PyTorch module rather than part of the function being differentiated.
     folder, torch_model = hf_model_factory(initializer_range=0.1, pad_token_id=None, **CASES["gqa1_window_lt_T"])
-    model = hf.load_hf(folder, block_size=8)
+    model = hf.load_hf(folder, block_size=8, attention_impl=impl)
     ids = _tokens(model.config.vocab_size, seed=1)
     targets = _tokens(model.config.vocab_size, seed=2)
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import ml_collections
 
+from cwm_jax import attention
 from cwm_jax.config import ConfigError, CwmConfig, cwm_32b, cwm_tiny
 from cwm_jax.sharding import resolve_axis_sizes
 
@@ -40,6 +41,8 @@ def default_config() -> ml_collections.ConfigDict:
     c.microbatches = 1
     c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1, sequence=1))
     c.dtype = "bfloat16"  # compute; parameters and optimizer state stay float32 (master weights)
+    # "xla" (blocked reference, any backend), "pallas" (this project's kernel: Mosaic on TPU, Triton on GPU) or
+    # "splash" (JAX's TPU kernel). attention_block sets the "xla" blocks; the kernels use per-generation defaults.
     c.attention_impl = "xla"
     c.attention_block = 512
     c.remat = "dots"
@@ -127,6 +130,10 @@ def validate(cfg, device_count: int) -> tuple[CwmConfig, dict[str, int]]:
         positive(key, cfg[key])
     positive("loss.chunk", cfg.loss.chunk)
     positive("checkpoint.keep", cfg.checkpoint.keep)
+    if cfg.attention_impl not in attention.IMPLS:
+        raise ConfigError(
+            f"attention_impl={cfg.attention_impl!r}; valid values are {', '.join(map(repr, attention.IMPLS))}"
+        )
     if cfg.checkpoint.every < 0 or cfg.eval.every < 0:
         raise ConfigError("checkpoint.every and eval.every must be >= 0 (0 turns them off)")
     if model.num_heads % mesh["tensor"] or model.num_kv_heads % mesh["tensor"]:
