@@ -20,40 +20,16 @@ can attend its own queries to gathered keys or to a halo of keys from its neighb
 """
 
 import functools
-import math
-import operator
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from cwm_jax.kernels import schedule
+
 IMPLS = ("xla", "dense", "pallas", "splash")
 KERNEL_IMPLS = ("pallas", "splash")
-
-
-def _check_inputs(q_BTNH, k_BTKH, v_BTKH, window, segment_ids_BT):
-    """Validate shapes and the window; returns the window as a Python int or None."""
-    if q_BTNH.ndim != 4 or k_BTKH.ndim != 4 or k_BTKH.shape != v_BTKH.shape:
-        raise ValueError(
-            f"want q [B, T, N, H] and k, v [B, T, K, H]; got {q_BTNH.shape}, {k_BTKH.shape}, {v_BTKH.shape}"
-        )
-    B, T, N, H = q_BTNH.shape
-    if k_BTKH.shape[:2] != (B, T) or k_BTKH.shape[3] != H or N % k_BTKH.shape[2]:
-        raise ValueError(f"q {q_BTNH.shape} and k/v {k_BTKH.shape} are not a GQA self-attention pair")
-    if segment_ids_BT is not None and segment_ids_BT.shape != (B, T):
-        raise ValueError(f"segment_ids_BT must be [B, T] = {(B, T)}, got {segment_ids_BT.shape}")
-    return _check_window(window)
-
-
-def _check_window(window):
-    """The window as a Python int >= 1, or None."""
-    if window is None:
-        return None
-    window = operator.index(window)
-    if window < 1:
-        raise ValueError(f"window must be >= 1 or None, got {window}")
-    return window
 
 
 def _visible(q_pos_T, k_pos_S, window, seg_q_BT, seg_k_BS):
@@ -72,7 +48,7 @@ def attention_dense(q_BTNH, k_BTKH, v_BTKH, *, window=None, segment_ids_BT=None)
 
     Builds the full [B, K, G, T, T] float32 scores, so memory is O(T^2): use it for checks, not long sequences.
     """
-    window = _check_inputs(q_BTNH, k_BTKH, v_BTKH, window, segment_ids_BT)
+    window = schedule.check_inputs(q_BTNH, k_BTKH, v_BTKH, window, segment_ids_BT)
     B, T, N, H = q_BTNH.shape
     K = k_BTKH.shape[2]
     q_BTKGH = q_BTNH.reshape(B, T, K, N // K, H)
@@ -83,25 +59,6 @@ def attention_dense(q_BTNH, k_BTKH, v_BTKH, *, window=None, segment_ids_BT=None)
     p_BKGTS = jax.nn.softmax(jnp.where(vis_BTS[:, None, None], s_BKGTS, -jnp.inf), axis=-1)
     o_BTKGH = jnp.einsum("bkgts,bskh->btkgh", p_BKGTS.astype(v_BTKH.dtype), v_BTKH, preferred_element_type=jnp.float32)
     return o_BTKGH.reshape(B, T, N, H).astype(q_BTNH.dtype)
-
-
-def _round_up(x, m):
-    return -(-x // m) * m
-
-
-def _plan(seq_len, block_q, block_k):
-    """Clamped block sizes (Q, C) and the padded length, a multiple of both."""
-    if block_q < 1 or block_k < 1:
-        raise ValueError(f"block sizes must be >= 1, got block_q={block_q}, block_k={block_k}")
-    # Clamp the smaller block to T first, then the larger one to T rounded up to it, so short sequences neither pay for
-    # a huge block nor for the lcm of a clamped and an unclamped block.
-    if block_q >= block_k:
-        C = min(block_k, seq_len)
-        Q = min(block_q, _round_up(seq_len, C))
-    else:
-        Q = min(block_q, seq_len)
-        C = min(block_k, _round_up(seq_len, Q))
-    return Q, C, _round_up(seq_len, math.lcm(Q, C))
 
 
 # Index given to key slots past the end of an input (padding): after every query, so causality alone hides them.
@@ -140,7 +97,7 @@ def _q_block_range(kj, Q, C, window, num_q_blocks):
 
 def visited_block_pairs(seq_len: int, window: int | None, block_q: int, block_k: int) -> int:
     """Number of (query block, KV block) pairs the blocked forward visits for this length, window and block sizes."""
-    Q, C, T_pad = _plan(seq_len, block_q, block_k)
+    Q, C, T_pad = schedule.plan(seq_len, block_q, block_k)
     total = 0
     for qi in range(T_pad // Q):
         lo, hi = _kv_block_range(qi, Q, C, window, T_pad // C)
@@ -334,7 +291,7 @@ def attention_at(
     a key at a negative index (halo slots before the sequence start). Every query must see at least one key.
     q_segment_ids_BT [B, T] and k_segment_ids_BS [B, S]: both or neither. Block sizes are clamped to T and S.
     """
-    window = _check_window(window)
+    window = schedule.check_window(window)
     B, T, N, H = q_BTNH.shape
     S = k_BSKH.shape[1]
     if k_BSKH.shape != v_BSKH.shape or k_BSKH.shape[::3] != (B, H) or N % k_BSKH.shape[2]:
@@ -350,7 +307,7 @@ def attention_at(
     if block_q < 1 or block_k < 1:
         raise ValueError(f"block sizes must be >= 1, got block_q={block_q}, block_k={block_k}")
     Q, C = min(block_q, T), min(block_k, S)
-    pad_q, pad_k = _round_up(T, Q) - T, _round_up(S, C) - S
+    pad_q, pad_k = schedule.round_up(T, Q) - T, schedule.round_up(S, C) - S
     q_pos_T, k_pos_S = jnp.asarray(q_pos_T, jnp.int32), jnp.asarray(k_pos_S, jnp.int32)
     # Padded queries repeat the last index (keeps the order; their rows are sliced off); padded keys sit at an index
     # after every query, so causality hides them.
@@ -389,13 +346,13 @@ def attention(
     if impl == "dense":
         return attention_dense(q_BTNH, k_BTKH, v_BTKH, window=window, segment_ids_BT=segment_ids_BT)
     if impl in KERNEL_IMPLS:
-        window = _check_inputs(q_BTNH, k_BTKH, v_BTKH, window, segment_ids_BT)
+        window = schedule.check_inputs(q_BTNH, k_BTKH, v_BTKH, window, segment_ids_BT)
         return kernel_attention(q_BTNH, k_BTKH, v_BTKH, window=window, segment_ids_BT=segment_ids_BT, impl=impl)
     if impl != "xla":
         raise ValueError(f"unknown attention impl {impl!r}; valid values are {', '.join(map(repr, IMPLS))}")
-    window = _check_inputs(q_BTNH, k_BTKH, v_BTKH, window, segment_ids_BT)
+    window = schedule.check_inputs(q_BTNH, k_BTKH, v_BTKH, window, segment_ids_BT)
     T = q_BTNH.shape[1]
-    Q, C, T_pad = _plan(T, block_q, block_k)
+    Q, C, T_pad = schedule.plan(T, block_q, block_k)
     pad = T_pad - T
     if pad:
         # Padded keys sit after every real query, so causality alone hides them; padded query rows are sliced off.

@@ -45,9 +45,7 @@ from jax.experimental.pallas import tpu as pltpu
 
 from cwm_jax.kernels import schedule
 
-# Large finite negative score for invisible keys: exp of it minus any real maximum is 0, and unlike -inf it never
-# makes inf - inf = NaN in the running maximum.
-MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
+MASK_VALUE = schedule.MASK_VALUE  # finite, not -inf: see schedule.MASK_VALUE
 # Scores of one step are [K, R, C] float32: at most 2 MiB, so a 512-token prefill chunk (G * T = 3072 rows per KV
 # head) runs in row blocks that fit the default scoped VMEM of every generation beside double-buffered K / V blocks.
 SCORE_ELEMENTS = 1 << 19

@@ -36,10 +36,7 @@ from cwm_jax.kernels import schedule
 
 # Triton's dot needs M, N, K >= 16, so blocks and the head dim are at least this.
 _MIN_BLOCK = 16
-# Finite, not -inf: a row whose keys in a block are all masked gets max = this value and weights exp(0) there, which
-# the correction exp(mask - m) = 0 at its first visible key erases (every row sees itself in some visited block);
-# -inf would make that max -inf and exp(-inf - -inf) NaN.
-_MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
+_MASK_VALUE = schedule.MASK_VALUE  # finite, not -inf: see schedule.MASK_VALUE
 _DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 _PASSES = ("forward", "backward", "dkv", "dq")
 
@@ -331,24 +328,14 @@ _flash.defvjp(_flash_fwd, _flash_bwd)
 
 
 def _check_inputs(q_BTNH, k_BTKH, v_BTKH, window, segment_ids_BT, block_q, block_k):
-    if q_BTNH.ndim != 4 or k_BTKH.ndim != 4 or k_BTKH.shape != v_BTKH.shape:
-        raise ValueError(
-            f"flash_attention wants q [B, T, N, H] and k, v [B, T, K, H]; got {q_BTNH.shape}, {k_BTKH.shape}, "
-            f"{v_BTKH.shape}"
-        )
-    B, T, N, H = q_BTNH.shape
-    if k_BTKH.shape[:2] != (B, T) or k_BTKH.shape[3] != H or N % k_BTKH.shape[2]:
-        raise ValueError(f"q {q_BTNH.shape} and k/v {k_BTKH.shape} are not a GQA self-attention pair")
-    if segment_ids_BT is not None and segment_ids_BT.shape != (B, T):
-        raise ValueError(f"segment_ids_BT must be [B, T] = {(B, T)}, got {segment_ids_BT.shape}")
+    schedule.check_inputs(q_BTNH, k_BTKH, v_BTKH, window, segment_ids_BT)
+    H = q_BTNH.shape[3]
     if H < _MIN_BLOCK or not _is_pow2(H):
         raise ValueError(f"head dim H must be a power of two >= {_MIN_BLOCK} (16, 32, 64, 128, ...), got {H}")
     if not any(q_BTNH.dtype == d for d in _DTYPES) or len({q_BTNH.dtype, k_BTKH.dtype, v_BTKH.dtype}) != 1:
         raise ValueError(
             f"q, k, v must share one of float32, bfloat16, float16; got {q_BTNH.dtype}, {k_BTKH.dtype}, {v_BTKH.dtype}"
         )
-    if window is not None and (not isinstance(window, (int, np.integer)) or window < 1):
-        raise ValueError(f"window must be an int >= 1 or None, got {window!r}")
     _check_block("block_q", block_q)
     _check_block("block_k", block_k)
 

@@ -31,7 +31,6 @@ import functools
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
@@ -40,7 +39,7 @@ from cwm_jax.kernels import schedule
 
 LANES = 128  # width of lane-replicated per-row statistics (logsumexp, D) as the kernels read them
 SUBLANES = 8
-MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
+MASK_VALUE = schedule.MASK_VALUE  # finite, not -inf: see schedule.MASK_VALUE
 
 # (block_q, block_k) per TPU generation. Rows per step are G * block_q (1536 for the 32B model's G = 6 at 256), so the
 # [R, C] float32 scores and probabilities take 3 MiB each: inside the 16 MiB of scoped VMEM that v4 and v5e grant by
@@ -418,16 +417,9 @@ def flash_attention(
     `pltpu.InterpretParams` to run on the CPU. return_lse: also return the logsumexp [B, N, T] float32.
     Differentiable in q, k, v (and through the logsumexp).
     """
-    if q_BTNH.ndim != 4 or k_BTKH.ndim != 4 or k_BTKH.shape != v_BTKH.shape:
-        raise ValueError(f"want q [B, T, N, H] and k, v [B, T, K, H]; got {q_BTNH.shape}, {k_BTKH.shape}")
+    window = schedule.check_inputs(q_BTNH, k_BTKH, v_BTKH, window, segment_ids_BT)
     B, T, N, H = q_BTNH.shape
     K = k_BTKH.shape[2]
-    if k_BTKH.shape[:2] != (B, T) or k_BTKH.shape[3] != H or N % K:
-        raise ValueError(f"q {q_BTNH.shape} and k/v {k_BTKH.shape} are not a GQA self-attention pair")
-    if window is not None and window < 1:
-        raise ValueError(f"window must be >= 1 or None, got {window}")
-    if segment_ids_BT is not None and segment_ids_BT.shape != (B, T):
-        raise ValueError(f"segment_ids_BT must be [B, T] = {(B, T)}, got {segment_ids_BT.shape}")
     dq_, dk_ = default_blocks()
     Q, C, T_pad = tpu_plan(T, block_q or dq_, block_k or dk_)
     G = N // K

@@ -14,8 +14,41 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import operator
 
 import numpy as np
+
+# Score of an invisible (query, key) pair in every kernel: finite, unlike -inf, so a row whose first visited block is
+# all masked gets max = MASK_VALUE and exp(0) weights there, which the first visible score erases exactly
+# (exp(MASK_VALUE - s) == 0 in float32); -inf would make exp(-inf - -inf) = NaN. Every row sees itself.
+MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
+
+
+def check_window(window) -> int | None:
+    """The window as a Python int >= 1, or None; ValueError otherwise."""
+    if window is None:
+        return None
+    if isinstance(window, bool):
+        raise ValueError(f"window must be an int >= 1 or None, got {window!r}")
+    window = operator.index(window)
+    if window < 1:
+        raise ValueError(f"window must be >= 1 or None, got {window}")
+    return window
+
+
+def check_inputs(q_BTNH, k_BTKH, v_BTKH, window, segment_ids_BT) -> int | None:
+    """Validate a GQA self-attention call (q [B, T, N, H], k and v [B, T, K, H], K | N, segment ids [B, T] or None);
+    returns the window as a Python int or None."""
+    if q_BTNH.ndim != 4 or k_BTKH.ndim != 4 or k_BTKH.shape != v_BTKH.shape:
+        raise ValueError(
+            f"want q [B, T, N, H] and k, v [B, T, K, H]; got {q_BTNH.shape}, {k_BTKH.shape}, {v_BTKH.shape}"
+        )
+    B, T, N, H = q_BTNH.shape
+    if k_BTKH.shape[:2] != (B, T) or k_BTKH.shape[3] != H or N % k_BTKH.shape[2]:
+        raise ValueError(f"q {q_BTNH.shape} and k/v {k_BTKH.shape} are not a GQA self-attention pair")
+    if segment_ids_BT is not None and segment_ids_BT.shape != (B, T):
+        raise ValueError(f"segment_ids_BT must be [B, T] = {(B, T)}, got {segment_ids_BT.shape}")
+    return check_window(window)
 
 
 def _pick(a, b, py, np_fn, jnp_name):

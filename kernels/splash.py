@@ -14,7 +14,6 @@ processing keeps, to set against `schedule.visit_counts`.
 from __future__ import annotations
 
 import functools
-import operator
 
 import jax
 import jax.numpy as jnp
@@ -62,28 +61,26 @@ def _block_sizes(Q: int, C: int) -> splash.BlockSizes:
 
 
 @functools.cache
+def _multi_head_mask(T_pad: int, N: int, window: int | None):
+    """One mask object per shape and window: splash's mask processing is lru-cached on it."""
+    return splash.MultiHeadMask([_mask(T_pad, window)] * N)  # one unique mask: splash processes it once
+
+
 def _kernel(T_pad: int, N: int, window: int | None, Q: int, C: int, interpret: bool):
-    """The splash kernel for one example [N, T_pad, H], built once per shape, window, blocks and mode.
+    """The splash kernel for one example [N, T_pad, H].
 
     make_splash_mha, not make_splash_mqa vmapped over KV heads: its k/v index maps read KV head h // G for query head
     h and its dK/dV kernel accumulates the G query heads of a KV head in scratch (grid kv x heads x q), so GQA runs in
-    one kernel call that never repeats K/V. The mask processing (numpy, host side) runs once here; the mask info
-    arrays are built eagerly so a kernel first made inside a jit trace holds no tracers.
+    one kernel call that never repeats K/V. Built in the caller's trace (its mask-info arrays become constants of that
+    trace, on whatever devices it targets); the host-side mask processing is cached by splash itself.
     """
-    mask = splash.MultiHeadMask([_mask(T_pad, window)] * N)  # one unique mask: splash processes it once
-    with jax.ensure_compile_time_eval():
-        return splash.make_splash_mha(
-            mask, block_sizes=_block_sizes(Q, C), head_shards=1, q_seq_shards=1, interpret=interpret
-        )
-
-
-def _check_window(window):
-    if window is None:
-        return None
-    window = operator.index(window)
-    if window < 1:
-        raise ValueError(f"window must be >= 1 or None, got {window}")
-    return window
+    return splash.make_splash_mha(
+        _multi_head_mask(T_pad, N, window),
+        block_sizes=_block_sizes(Q, C),
+        head_shards=1,
+        q_seq_shards=1,
+        interpret=interpret,
+    )
 
 
 def splash_attention(
@@ -104,14 +101,8 @@ def splash_attention(
     forward and both backward kernels. interpret: run splash's Pallas kernels in interpret mode (CPU tests).
     Differentiable through splash's custom VJP.
     """
-    window = _check_window(window)
-    if q_BTNH.ndim != 4 or k_BTKH.ndim != 4 or k_BTKH.shape != v_BTKH.shape:
-        raise ValueError(f"want q [B, T, N, H], k, v [B, T, K, H]; got {q_BTNH.shape}, {k_BTKH.shape}, {v_BTKH.shape}")
+    window = schedule.check_inputs(q_BTNH, k_BTKH, v_BTKH, window, segment_ids_BT)
     B, T, N, H = q_BTNH.shape
-    if k_BTKH.shape[:2] != (B, T) or k_BTKH.shape[3] != H or N % k_BTKH.shape[2]:
-        raise ValueError(f"q {q_BTNH.shape} and k/v {k_BTKH.shape} are not a GQA self-attention pair")
-    if segment_ids_BT is not None and segment_ids_BT.shape != (B, T):
-        raise ValueError(f"segment_ids_BT must be [B, T] = {(B, T)}, got {segment_ids_BT.shape}")
     Q, C, T_pad = splash_plan(T, block_q, block_k)
     kernel = _kernel(T_pad, N, window, Q, C, bool(interpret))
 
@@ -140,7 +131,7 @@ def splash_visits(T: int, window: int | None, block_q: int, block_k: int) -> dic
     the dK/dV pass (its query axis shrunk to the tallest column), "block_q", "block_k", "padded_len"}. Uses the
     padding and clamping of `splash_attention`, so it describes what that call runs.
     """
-    window = _check_window(window)
+    window = schedule.check_window(window)
     Q, C, T_pad = splash_plan(T, block_q, block_k)
     mask = splash.MultiHeadMask([_mask(T_pad, window)])
     # The same calls and arguments as make_splash_mha: the dK/dV grid shrinks since the dQ kernel is not fused.

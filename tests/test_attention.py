@@ -12,6 +12,7 @@ import pytest
 
 from cwm_jax import attention as attn
 from cwm_jax.attention import attention, attention_dense, visited_block_pairs
+from cwm_jax.kernels import schedule
 
 B, K, H = 2, 2, 16
 
@@ -186,7 +187,7 @@ def test_padded_keys_invisible():
     v_bad = jnp.pad(v, pad, constant_values=1e30)
     dirty = blocked(jnp.pad(q, pad), k_bad, v_bad)
     np.testing.assert_array_equal(np.asarray(dirty[:, :T]), np.asarray(clean[:, :T]))
-    assert attn._plan(T, 16, 16) == (16, 16, T_pad)
+    assert schedule.plan(T, 16, 16) == (16, 16, T_pad)
 
 
 def test_block_skipping_counts():
@@ -202,7 +203,7 @@ def test_block_skipping_counts():
 
 @pytest.mark.parametrize("T,block_q,block_k,window", [(100, 16, 32, 17), (100, 32, 16, 5), (64, 16, 16, None)])
 def test_block_ranges_are_tight_and_consistent(T, block_q, block_k, window):
-    Q, C, T_pad = attn._plan(T, block_q, block_k)
+    Q, C, T_pad = schedule.plan(T, block_q, block_k)
     nq, nk = T_pad // Q, T_pad // C
     i, j = np.arange(T_pad)[:, None], np.arange(T_pad)[None, :]
     vis = (j <= i) & ((i - j < window) if window is not None else True)
@@ -210,10 +211,13 @@ def test_block_ranges_are_tight_and_consistent(T, block_q, block_k, window):
     by_q = set()
     for a in range(nq):
         lo, hi = attn._kv_block_range(a, Q, C, window, nk)
+        # The XLA reference's index-based ranges and the kernels' closed-form schedule agree.
+        assert (int(lo), int(hi)) == schedule.kv_block_range(a, Q, C, window, nk)
         by_q |= {(a, b) for b in range(int(lo), int(hi) + 1)}
     by_k = set()
     for b in range(nk):
         lo, hi = attn._q_block_range(b, Q, C, window, nq)
+        assert (int(lo), int(hi)) == schedule.q_block_range(b, Q, C, window, nq)
         by_k |= {(a, b) for a in range(int(lo), int(hi) + 1)}
     assert by_q == needed == by_k
     assert visited_block_pairs(T, window, block_q, block_k) == len(needed)
