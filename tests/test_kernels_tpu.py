@@ -169,6 +169,25 @@ def test_random_shapes_match_dense(shape):
     _check(**shape, block_k=128)
 
 
+def test_agrees_with_splash():
+    """Our TPU kernel and JAX's splash kernel (both interpreted) on the same random inputs: outputs and gradients."""
+    from cwm_jax.kernels import splash
+
+    q, k, v, seg, do = _inputs(1, 256, 6, 2, 128, True, seed=5)
+    fns = {
+        "ours": lambda q, k, v: flash_tpu.flash_attention(
+            q, k, v, window=100, segment_ids_BT=seg, block_q=32, block_k=128, interpret=True
+        ),
+        "splash": lambda q, k, v: splash.splash_attention(
+            q, k, v, window=100, segment_ids_BT=seg, block_q=128, block_k=128, interpret=True
+        ),
+    }
+    (o1, vjp1), (o2, vjp2) = (jax.vjp(f, q, k, v) for f in fns.values())
+    np.testing.assert_allclose(np.asarray(o1), np.asarray(o2), atol=1e-5, rtol=0)
+    for a, b in zip(vjp1(do), vjp2(do), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-4, rtol=0)
+
+
 def test_bf16_close_to_float32_oracle():
     q, k, v, seg, do = _inputs(1, 256, 6, 1, 128, True, dtype=jnp.bfloat16)
     o = flash_tpu.flash_attention(q, k, v, window=100, segment_ids_BT=seg, block_q=32, block_k=128, interpret=True)
