@@ -31,6 +31,8 @@ setup(
         "array-record>=0.8",
         "pyarrow>=18",
         "tensorboardX>=2.6",
+        # Weight-only int8 / int4 quantization (cwm_jax.quant): quantized arrays and their dot_general.
+        "qwix>=0.1.8",
     ],
     extras_require={
         # torch==2.13.0: the CPU build (an unpinned torch pulls a multi-GB CUDA one); transformers has CwmForCausalLM.

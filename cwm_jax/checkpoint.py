@@ -30,10 +30,11 @@ import orbax.checkpoint.experimental.v1 as ocp
 from etils import epath
 from jax.sharding import NamedSharding, PartitionSpec, SingleDeviceSharding
 
-from cwm_jax import hf
+from cwm_jax import hf, quant
 from cwm_jax.config import CwmConfig
 from cwm_jax.hf import CheckpointError, and_more
 from cwm_jax.model import LAYER_AXES, TOP_AXES, CwmModel, layer_shapes, top_shapes
+from cwm_jax.quant import QuantConfig
 from cwm_jax.sharding import logical_to_spec
 
 Path = tuple[str, ...]
@@ -65,6 +66,21 @@ def layout(config: CwmConfig) -> list[tuple[Path, tuple[int, ...]]]:
     return [(path, shape) for path, _, shape, _ in hf.hf_layout(config).values()]
 
 
+def leaf_specs(config: CwmConfig, qc: QuantConfig | None = None) -> dict[Path, tuple[tuple[int, ...], str]]:
+    """(shape, dtype name) of every stored leaf, in write order. Float leaves are in `config.param_dtype`; with `qc`
+    each quantized weight P (`qc.names`) is stored as P + ("qvalue",) (integers, canonical shape) and P + ("scale",)
+    ([G, out], `qc.scale_dtype`), as `quant.quantize` returns them."""
+    specs: dict[Path, tuple[tuple[int, ...], str]] = {}
+    for path, shape in layout(config):
+        name = path[-1]
+        if qc is not None and name in qc.names:
+            specs[(*path, "qvalue")] = (tuple(shape), jnp.dtype(qc.qtype).name)
+            specs[(*path, "scale")] = (quant.scale_shape(shape, quant.N_IN[name], qc), jnp.dtype(qc.scale_dtype).name)
+        else:
+            specs[path] = (tuple(shape), config.param_dtype)
+    return specs
+
+
 def model_leaves(model: CwmModel) -> Iterator[tuple[Path, np.ndarray]]:
     """The canonical leaves of `model` as numpy arrays in its parameter dtype, one at a time, in `layout` order."""
     params = hf.model_params(model)
@@ -82,11 +98,13 @@ def save_streaming(
     overwrite: bool = False,
     on_leaf: Callable[[Path, int], None] | None = None,
     batch_bytes: int = BATCH_BYTES,
+    quant_config: QuantConfig | None = None,
 ) -> None:
     """Write a converted checkpoint to `dst` from `(canonical path, array)` pairs, consumed lazily.
 
-    Every leaf of `layout(config)` must come exactly once, in any order, with its canonical shape and dtype
-    `config.param_dtype` (written as "dtype" in config.json). At most about `batch_bytes` of leaves (or one larger
+    Every leaf of `leaf_specs(config, quant_config)` must come exactly once, in any order, with its shape and dtype
+    (float leaves in `config.param_dtype`, written as "dtype" in config.json; a quantized checkpoint also gets
+    `quantization.json`). At most about `batch_bytes` of leaves (or one larger
     leaf) are held before they go to Orbax; `on_leaf(path, nbytes)` runs for each leaf once Orbax has written it.
     `files` are copied into `dst` under their own names. Call from one process.
 
@@ -104,13 +122,15 @@ def save_streaming(
     for f in files:
         if not f.is_file():
             raise FileNotFoundError(f"{f}: extra file to copy into the checkpoint does not exist")
-        if f.name in (CONFIG_FILE, PARAMS_DIR) or names.count(f.name) > 1:
+        if f.name in (CONFIG_FILE, PARAMS_DIR, quant.QUANT_FILE) or names.count(f.name) > 1:
             raise ValueError(f"{f}: its name {f.name!r} clashes with another file of the checkpoint")
 
     def write(work: epath.Path) -> None:
-        _write_params(work / PARAMS_DIR, config, leaves, on_leaf, batch_bytes)
+        _write_params(work / PARAMS_DIR, config, leaves, on_leaf, batch_bytes, quant_config)
         for f in files:
             f.copy(work / f.name)
+        if quant_config is not None:
+            (work / quant.QUANT_FILE).write_text(quant_config.to_json())
         # Last: on an object store a checkpoint counts as complete once config.json exists.
         (work / CONFIG_FILE).write_text(json.dumps(config.to_hf(), indent=2) + "\n")
 
@@ -147,8 +167,8 @@ def write_atomically(dst, write: Callable[[epath.Path], None], *, overwrite: boo
         raise
 
 
-def _write_params(path: epath.Path, config: CwmConfig, leaves, on_leaf, batch_bytes: int) -> None:
-    expected = dict(layout(config))
+def _write_params(path: epath.Path, config: CwmConfig, leaves, on_leaf, batch_bytes: int, qc=None) -> None:
+    expected = leaf_specs(config, qc)
     seen: set[Path] = set()
     batch: list[tuple[Path, np.ndarray]] = []
     size = 0
@@ -180,10 +200,11 @@ def _write_params(path: epath.Path, config: CwmConfig, leaves, on_leaf, batch_by
             )
         if key in seen:
             raise CheckpointError(f"{path}: leaf {key} given twice")
-        if value.shape != tuple(expected[key]):
-            raise CheckpointError(f"{path}: leaf {key} has shape {value.shape}, the config implies {expected[key]}")
-        if str(value.dtype) != config.param_dtype:
-            raise CheckpointError(f"{path}: leaf {key} is {value.dtype}, config.param_dtype is {config.param_dtype}")
+        shape, dtype = expected[key]
+        if value.shape != shape:
+            raise CheckpointError(f"{path}: leaf {key} has shape {value.shape}, the config implies {shape}")
+        if str(value.dtype) != dtype:
+            raise CheckpointError(f"{path}: leaf {key} is {value.dtype}, expected {dtype}")
         seen.add(key)
         if batch and size + value.nbytes > batch_bytes:
             flush()
@@ -271,49 +292,52 @@ def read_config(ckpt_dir) -> CwmConfig:
     return CwmConfig.from_hf(config_file, dtype=stored, param_dtype=stored)
 
 
-def _checked_config(ckpt_dir) -> tuple[CwmConfig, epath.Path]:
-    """read_config, plus a check of the stored tree against it (names, shapes, dtype) from Orbax's metadata."""
+def _checked_config(ckpt_dir) -> tuple[CwmConfig, epath.Path, QuantConfig | None, dict]:
+    """read_config, its quantization and leaf specs, checked against the stored tree (names, shapes, dtypes) from
+    Orbax's metadata."""
     config = read_config(ckpt_dir)
+    qc = quant.read(ckpt_dir)
+    specs = leaf_specs(config, qc)
     params_dir = epath.Path(ckpt_dir) / PARAMS_DIR
     try:
         stored = ocp.metadata(params_dir).metadata
     except Exception as e:  # Orbax raises several error types for a folder it cannot read
         raise CheckpointError(f"{params_dir}: not a readable Orbax checkpoint ({e})") from None
-    for key, shape in layout(config):
+    for key, (shape, dtype) in specs.items():
         node = stored
         for k in key:
             node = node.get(k) if isinstance(node, dict) else None
         if node is None:
             raise CheckpointError(f"{params_dir}: leaf {key} is missing")
-        if tuple(node.shape) != tuple(shape) or str(node.dtype) != config.param_dtype:
+        if tuple(node.shape) != tuple(shape) or str(node.dtype) != dtype:
             raise CheckpointError(
                 f"{params_dir}: leaf {key} is {node.dtype}{list(node.shape)}, "
-                f"{CONFIG_FILE} implies {config.param_dtype}{list(shape)}"
+                f"{CONFIG_FILE} implies {dtype}{list(shape)}"
             )
-    return config, params_dir
+    return config, params_dir, qc, specs
 
 
 def iter_leaves(ckpt_dir, *, batch_bytes: int = BATCH_BYTES) -> Iterator[tuple[Path, np.ndarray]]:
-    """(canonical path, numpy array) of every leaf, in `layout` order, reading about `batch_bytes` at a time."""
-    config, params_dir = _checked_config(ckpt_dir)
-    dtype = jnp.dtype(config.param_dtype)
-    batch: list[tuple[Path, tuple[int, ...]]] = []
+    """(path, numpy array) of every stored leaf (`leaf_specs` order: a quantized weight gives its qvalue and scale
+    leaves), reading about `batch_bytes` at a time."""
+    _, params_dir, _, specs = _checked_config(ckpt_dir)
+    batch: list[tuple[Path, np.ndarray]] = []
     size = 0
     groups = []
-    for key, shape in layout(config):
-        nbytes = int(np.prod(shape)) * dtype.itemsize
-        if batch and size + nbytes > batch_bytes:
+    for key, (shape, dtype) in specs.items():
+        # np.empty only reserves address space: the abstract leaves tell Orbax to return numpy arrays.
+        leaf = np.empty(shape, jnp.dtype(dtype))
+        if batch and size + leaf.nbytes > batch_bytes:
             groups.append(batch)
             batch, size = [], 0
-        batch.append((key, shape))
-        size += nbytes
+        batch.append((key, leaf))
+        size += leaf.nbytes
     groups.append(batch)
     ctx = ocp.Context()
     ctx.pytree.loading.partial_load = True
     for group in groups:
-        # np.empty only reserves address space: the abstract leaves tell Orbax to return numpy arrays.
         with ctx:
-            tree = ocp.load(params_dir, _nest((key, np.empty(shape, dtype)) for key, shape in group))
+            tree = ocp.load(params_dir, _nest(group))
         for key, _ in group:
             node = tree
             for k in key[:-1]:
@@ -332,9 +356,10 @@ def load(ckpt_dir, mesh=None, dtype=None, **model_kwargs) -> CwmModel:
     its devices hold), then layers are stacked on device one parameter name at a time, freeing the per-layer arrays
     as they go: device memory peaks near the model plus one stacked parameter. Sharding follows the active rules
     (`cwm_jax.sharding.use_rules`). `model_kwargs` go to CwmModel (attention_impl, block_size, remat).
+    A quantized checkpoint (`cwm_jax.quant`) gives a model with its `quant_config`: integer weights and scales keep
+    their stored dtypes; `dtype` sets the compute dtype and the float parameters.
     """
-    config, params_dir = _checked_config(ckpt_dir)
-    stored = jnp.dtype(config.param_dtype)
+    config, params_dir, qc, specs = _checked_config(ckpt_dir)
     target = jnp.dtype(dtype or config.param_dtype)
     config = dataclasses.replace(config, dtype=target.name, param_dtype=target.name)
     L = config.num_layers
@@ -346,22 +371,57 @@ def load(ckpt_dir, mesh=None, dtype=None, **model_kwargs) -> CwmModel:
     layer_specs = {
         name: _spec(("layers", *LAYER_AXES[name]), (L, *shape), mesh) for name, shape in layer_shapes(config).items()
     }
+    qnames = () if qc is None else qc.names
+    for name in qnames:
+        shape = top_shapes(config)[name] if name == "lm_head" else (L, *layer_shapes(config)[name])
+        layers = name != "lm_head"
+        per = shape[1:] if layers else shape
+        scale_axes = (("layers",) if layers else ()) + quant.SCALE_AXES[name]
+        scale_shape = ((L,) if layers else ()) + quant.scale_shape(per, quant.N_IN[name], qc)
+        (layer_specs if layers else top_specs)[f"{name}_scale"] = _spec(scale_axes, scale_shape, mesh)
+
+    def leaf_spec(key) -> PartitionSpec:
+        # (name) or (name, qvalue|scale) at the top; ("layers", i, name[, qvalue|scale]) per layer.
+        top = key[0] != "layers"
+        name = key[0] if top else key[2]
+        part = key[1 if top else 3] if len(key) > (1 if top else 3) else None
+        if part == "scale":
+            name = f"{name}_scale"
+        return top_specs[name] if top else PartitionSpec(*layer_specs[name][1:])
+
     abstract: dict = {"layers": {}}
-    for key, shape in layout(config):
-        spec = top_specs[key[0]] if key[0] != "layers" else PartitionSpec(*layer_specs[key[2]][1:])
-        leaf = jax.ShapeDtypeStruct(shape, stored, sharding=sharding(spec))
+    for key, (shape, dtype) in specs.items():
+        leaf = jax.ShapeDtypeStruct(shape, jnp.dtype(dtype), sharding=sharding(leaf_spec(key)))
         _nest_into(abstract, key, leaf)
     canonical = ocp.load(params_dir, abstract)
 
+    def split(node, name):
+        """(value, scale or None) of a stored weight; float values are cast to the target dtype by the caller."""
+        if name in qnames:
+            return node["qvalue"], node["scale"]
+        return node, None
+
     params: dict = {"layers": {}}
-    for name, spec in top_specs.items():
-        params[name] = _cast(canonical.pop(name), target, sharding(spec))
-    for name, spec in layer_specs.items():
-        per_layer = [canonical["layers"][str(i)].pop(name) for i in range(L)]
-        params["layers"][name] = _stack(per_layer, target, sharding(spec))
-        for x in per_layer:
+    for name in top_shapes(config):
+        value, scale = split(canonical.pop(name), name)
+        if scale is None:
+            params[name] = _cast(value, target, sharding(top_specs[name]))
+        else:
+            params[name], params[f"{name}_scale"] = value, scale
+    for name in layer_shapes(config):
+        pairs = [split(canonical["layers"][str(i)].pop(name), name) for i in range(L)]
+        values = [v for v, _ in pairs]
+        if name in qnames:
+            params["layers"][name] = _stack(values, values[0].dtype, sharding(layer_specs[name]))
+            scales = [s for _, s in pairs]
+            scale_sharding = sharding(layer_specs[f"{name}_scale"])
+            params["layers"][f"{name}_scale"] = _stack(scales, scales[0].dtype, scale_sharding)
+            values += scales
+        else:
+            params["layers"][name] = _stack(values, target, sharding(layer_specs[name]))
+        for x in values:
             x.delete()
-    return hf.model_from_params(config, params, **model_kwargs)
+    return hf.model_from_params(config, params, quant_config=qc, **model_kwargs)
 
 
 def _spec(axes, shape, mesh) -> PartitionSpec:

@@ -159,7 +159,7 @@ def forward_cached(model: CwmModel, tokens_BT, positions_BT, cache: KVCache, *, 
     # Each layer's slot in its own stack (global or local); the other index is unused by that layer.
     global_idx_L = jnp.asarray(np.cumsum(is_global) - 1, jnp.int32)
     local_idx_L = jnp.asarray(np.cumsum(~is_global) - 1, jnp.int32)
-    layer_params = {name: p[...] for name, p in model.layers.items()}
+    layer_params = model.layer_params()
     b_B1 = jnp.arange(B, dtype=jnp.int32)[:, None]
     q_pos_BT = jnp.where(valid_BT, positions_BT, -1)
     q_pos_BT1 = q_pos_BT[:, :, None]

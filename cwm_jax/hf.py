@@ -129,15 +129,16 @@ def model_params(model: CwmModel) -> dict:
 def model_from_params(config: CwmConfig, params: Mapping, **model_kwargs) -> CwmModel:
     """Build a CwmModel around existing parameters (layers stacked), cast to `config.param_dtype`."""
     model = nnx.eval_shape(lambda: CwmModel(config, rngs=nnx.Rngs(0), **model_kwargs))
-    dtype = jnp.dtype(config.param_dtype)
 
     def put(variable, value):
         if tuple(value.shape) != tuple(variable.shape):
             raise CheckpointError(f"parameter shape {tuple(value.shape)} != model's {tuple(variable.shape)}")
-        variable.set_value(jnp.asarray(value, dtype))
+        # The variable's own dtype: config.param_dtype, or a quantized model's integer and scale dtypes.
+        variable.set_value(jnp.asarray(value, variable.dtype))
 
-    for name in ("embed", "final_norm", "lm_head"):
-        put(getattr(model, name), params[name])
+    for name in ("embed", "final_norm", "lm_head", "lm_head_scale"):
+        if hasattr(model, name):
+            put(getattr(model, name), params[name])
     for name, variable in model.layers.items():
         put(variable, params["layers"][name])
     return model

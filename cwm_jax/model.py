@@ -17,7 +17,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from cwm_jax import attention as attn_lib
-from cwm_jax import context_parallel, sharding
+from cwm_jax import context_parallel, quant, sharding
 from cwm_jax.config import CwmConfig
 
 # Logical axes of every parameter, per layer (the stacked tree adds "layers" in front).
@@ -104,10 +104,13 @@ class CwmModel(nnx.Module):
         block_size: int = 512,
         remat: str = "none",
         sequence_layout: str = "natural",
+        quant_config: quant.QuantConfig | None = None,
     ):
         """sequence_layout: order of the tokens along T under a mesh whose `sequence` axis has size n > 1 (context
         parallelism, `cwm_jax.context_parallel`): "natural", or "zigzag" when the caller has permuted tokens,
         positions and segment ids with `context_parallel.to_zigzag`. Without such a mesh it must be "natural".
+        quant_config: weight-only quantization (`cwm_jax.quant`): the named weights are integer parameters with a
+        `<name>_scale` beside them (zeros and ones here; `cwm_jax.load` fills them from a quantized checkpoint).
         """
         if remat not in REMAT_POLICIES:
             raise ValueError(f"remat is {remat!r}; expected one of {sorted(REMAT_POLICIES)}")
@@ -117,6 +120,9 @@ class CwmModel(nnx.Module):
         self.block_size = block_size
         self.remat = remat
         self.sequence_layout = sequence_layout
+        self.quant_config = quant_config
+        if quant_config is not None:
+            quant.check_config(config, quant_config)
         pdtype = jnp.dtype(config.param_dtype)
         normal = jax.nn.initializers.normal(0.02)
         L = config.num_layers
@@ -127,16 +133,35 @@ class CwmModel(nnx.Module):
         def ones(key, shape, dtype):
             return jnp.ones(shape, dtype)
 
+        qc = quant_config
+        qnames = () if qc is None else qc.names
+
+        def qparams(name, shape, axes, layers=()):
+            """Integer weight and its scale for a quantized `name` (canonical `shape`, maybe stacked)."""
+            scale = (*layers, *quant.scale_shape(shape, quant.N_IN[name], qc))
+            scale_axes = (*(("layers",) if layers else ()), *quant.SCALE_AXES[name])
+            return (
+                nnx.Param(
+                    jnp.zeros((*layers, *shape), qc.qtype), logical_axes=(*(("layers",) if layers else ()), *axes)
+                ),
+                nnx.Param(jnp.ones(scale, qc.scale_dtype), logical_axes=scale_axes),
+            )
+
         shapes = top_shapes(config)
         self.embed = param(shapes["embed"], TOP_AXES["embed"], normal)
         self.final_norm = param(shapes["final_norm"], TOP_AXES["final_norm"], ones)
-        self.lm_head = param(shapes["lm_head"], TOP_AXES["lm_head"], normal)
-        self.layers = nnx.Dict(
-            {
-                name: param((L, *shape), ("layers", *LAYER_AXES[name]), ones if name.endswith("norm") else normal)
-                for name, shape in layer_shapes(config).items()
-            }
-        )
+        if "lm_head" in qnames:
+            self.lm_head, self.lm_head_scale = qparams("lm_head", shapes["lm_head"], TOP_AXES["lm_head"])
+        else:
+            self.lm_head = param(shapes["lm_head"], TOP_AXES["lm_head"], normal)
+        layers = {}
+        for name, shape in layer_shapes(config).items():
+            if name in qnames:
+                layers[name], layers[f"{name}_scale"] = qparams(name, shape, LAYER_AXES[name], (L,))
+            else:
+                init = ones if name.endswith("norm") else normal
+                layers[name] = param((L, *shape), ("layers", *LAYER_AXES[name]), init)
+        self.layers = nnx.Dict(layers)
 
     def __call__(self, tokens_BT, positions_BT=None, segment_ids_BT=None, *, return_hidden: bool = False):
         """Token ids [B, T] -> fp32 logits [B, T, V], or the final (normed) hidden states [B, T, D] on request.
@@ -158,7 +183,7 @@ class CwmModel(nnx.Module):
         x_BTD = self.embed_tokens(tokens_BT)
         cos_BTH, sin_BTH = rope_cos_sin(positions_BT, c.rope_inv_freq(), dtype)
         is_global_L = jnp.asarray(c.is_global)
-        layer_params = {name: p[...] for name, p in self.layers.items()}
+        layer_params = self.layer_params()
 
         def body(x_BTD, xs):
             params, is_global = xs
@@ -180,10 +205,23 @@ class CwmModel(nnx.Module):
         x_BTD = jnp.take(embed_VD, tokens_BT, axis=0).astype(jnp.dtype(self.config.dtype))
         return sharding.constrain(x_BTD, ("act_batch", "act_length", "act_embed"))
 
+    def layer_params(self) -> dict:
+        """The stacked layer parameters for the layer scan: arrays, and a `quant.QWeight` per quantized weight."""
+        params = {name: p[...] for name, p in self.layers.items() if not name.endswith("_scale")}
+        if self.quant_config is not None:
+            for name in quant.LAYER_WEIGHTS:
+                params[name] = quant.QWeight(params[name], self.layers[f"{name}_scale"][...])
+        return params
+
     def logits(self, h_BTD):
         """fp32 logits from final hidden states (callers may pass a chunk of positions, e.g. only the last one)."""
-        w_DV = self.lm_head[...].astype(h_BTD.dtype)
-        logits_BTV = jnp.einsum("btd,dv->btv", h_BTD, w_DV, preferred_element_type=jnp.float32)
+        if self.quant_config is not None and self.quant_config.head:
+            B, T, D = h_BTD.shape
+            w = quant.QWeight(self.lm_head[...], self.lm_head_scale[...])
+            logits_BTV = quant.matmul(h_BTD.reshape(B * T, D), w, 1, jnp.float32).reshape(B, T, -1)
+        else:
+            w_DV = self.lm_head[...].astype(h_BTD.dtype)
+            logits_BTV = jnp.einsum("btd,dv->btv", h_BTD, w_DV, preferred_element_type=jnp.float32)
         return sharding.constrain(logits_BTV, ("act_batch", "act_length", "act_vocab"))
 
     def _attend(self, q_BTNH, k_BTKH, v_BTKH, is_global, segment_ids_BT):
@@ -252,6 +290,9 @@ def _matmul(x, w, n_in: int):
     gradients contract over the B * T rows) faster (BENCHMARKS.md, training step); on TPU the reshapes are free.
     """
     B, T = x.shape[:2]
+    if isinstance(w, quant.QWeight):
+        k = math.prod(w.qvalue.shape[:n_in])
+        return quant.matmul(x.reshape(B * T, k), w, n_in).reshape(B, T, -1)
     k = math.prod(w.shape[:n_in])
     y = jnp.dot(x.reshape(B * T, k), w.reshape(k, -1).astype(x.dtype))
     return y.reshape(B, T, -1)

@@ -2,6 +2,10 @@
 config alone, before a TPU is rented; `--compile` sets XLA's own memory analysis for the topology beside them.
 
     cwm-plan --config configs/cwm_32b_pretrain.py [--topology v5p-512] [--config.key=value ...] [--compile]
+    cwm-plan --serve --bits 16|8|4 [--group-size 128] [--context 131072] [--batch 1] [--device-gb 40] [--model tiny]
+
+`--serve` needs no run config: the memory to serve the 32B model (or the tiny one) on one device at a context length
+and bit width, against the device, and the longest context that fits on 32, 40 and 80 GB devices (`cwm_jax.serving`).
 
 Topology names follow Cloud TPU: v4-N and v5p-N count TensorCores (two per chip: v5p-512 is 256 chips), v5e-N and
 v6e-N count chips. A libtpu name with an explicit shape (`v5p:4x8x8`, `v5e:2x4`) is accepted too. `--compile` needs
@@ -429,10 +433,23 @@ def main(argv: list[str] | None = None) -> int:
     compile_flag = flags.DEFINE_bool(
         "compile", False, "Also compile the train step for the topology (needs libtpu)", flag_values=fv
     )
+    serve_flags = _define_serve_flags(fv)
     try:
         fv(argv)
+        if serve_flags["serve"].value:
+            if config_flag.value is not None or topology_flag.value or compile_flag.value:
+                raise ConfigError("--serve plans serving and takes no --config, --topology or --compile")
+            report = _serve_report(**{name: f.value for name, f in serve_flags.items() if name != "serve"})
+            print(report, flush=True)
+            return 0
+        given = [name for name, f in serve_flags.items() if f.present]
+        if given:
+            raise ConfigError(f"--{serve_flags[given[0]].name} applies only with --serve")
         if config_flag.value is None:
-            raise ConfigError("--config is required, e.g. --config configs/cwm_32b_pretrain.py")
+            raise ConfigError(
+                "--config is required, e.g. --config configs/cwm_32b_pretrain.py (or --serve --bits 8|4|16 to size "
+                "serving)"
+            )
         cfg = config_flag.value
         plan = estimate(cfg, topology_flag.value)
     except (flags.Error, ConfigError) as e:
@@ -453,6 +470,62 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         print(format_compiled(mem, plan))
     return 0
+
+
+def _define_serve_flags(fv) -> dict:
+    from absl import flags
+
+    return {
+        "serve": flags.DEFINE_bool(
+            "serve", False, "Size serving (no --config): memory and longest context", flag_values=fv
+        ),
+        "bits": flags.DEFINE_enum("bits", None, ["16", "8", "4"], "Weight width to serve at (--serve)", flag_values=fv),
+        "group_size": flags.DEFINE_integer(
+            "group-size",
+            None,
+            "Input-dim group of one scale (--serve; default 128 for int4, per channel for int8)",
+            flag_values=fv,
+        ),
+        "context": flags.DEFINE_integer(
+            "context",
+            None,
+            "Tokens per sequence, prompt and reply (--serve; default: the model's 131072)",
+            flag_values=fv,
+        ),
+        "batch": flags.DEFINE_integer("batch", 1, "Sequences served at once (--serve)", flag_values=fv),
+        "device_gb": flags.DEFINE_float(
+            "device-gb", 40.0, "Memory of the device in GB of 1e9 bytes (--serve)", flag_values=fv
+        ),
+        "model": flags.DEFINE_enum(
+            "model", "32b", ["32b", "tiny"], "cwm_32b() or cwm_tiny() (--serve)", flag_values=fv
+        ),
+    }
+
+
+def _serve_report(bits, group_size, context, batch, device_gb, model) -> str:
+    """`cwm-plan --serve`: ConfigError (QuantError) for bad flags, else the report of `serving.format_report`."""
+    from cwm_jax import quant, serving
+    from cwm_jax.config import cwm_32b, cwm_tiny
+
+    if bits is None:
+        raise ConfigError("--serve needs --bits 16, 8 or 4")
+    config = cwm_32b() if model == "32b" else cwm_tiny()
+    context = config.max_position_embeddings if context is None else context
+    if context < 1 or batch < 1 or device_gb <= 0:
+        raise ConfigError(f"--context, --batch and --device-gb must be positive, got {context}, {batch}, {device_gb}")
+    if context > config.max_position_embeddings:
+        raise ConfigError(
+            f"--context {context} exceeds the model's max_position_embeddings ({config.max_position_embeddings})"
+        )
+    if bits == "16":
+        if group_size is not None:
+            raise ConfigError("--group-size applies only to --bits 8 or 4")
+        qc = None
+    else:
+        default = quant.parse_bits(bits)
+        qc = quant.QuantConfig(bits=int(bits), group_size=default.group_size if group_size is None else group_size)
+        quant.check_config(config, qc)
+    return serving.format_report(config, qc, context, batch, int(device_gb * serving.GB), f"cwm_{model}")
 
 
 if __name__ == "__main__":

@@ -33,17 +33,19 @@ def test_committed_notebook_has_no_outputs():
     assert sum("parameters" in c.metadata.get("tags", []) for c in code) == 1
 
 
-def test_inference_notebook_runs_on_tiny_model(tmp_path, monkeypatch):
+def _execute(tmp_path, monkeypatch, params: str) -> list:
+    """Run the notebook with its parameters cell extended by `params` (MODEL = "tiny" and a temporary WORK_DIR come
+    first); returns the executed code cells, after checking that none errored or was skipped."""
     spec = tmp_path / "jupyter" / "kernels" / "python3"
     spec.mkdir(parents=True)
     argv = [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"]
     (spec / "kernel.json").write_text(json.dumps({"argv": argv, "display_name": "Python 3", "language": "python"}))
     monkeypatch.setenv("JUPYTER_PATH", str(tmp_path / "jupyter"))
     nb = nbformat.read(NOTEBOOK, as_version=4)
-    (params,) = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
-    params.source = (
-        params.source
-        + f'\nMODEL = "tiny"\nWORK_DIR = {str(tmp_path / "work")!r}\nMAX_NEW_TOKENS = 24\n'
+    (cell,) = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
+    cell.source = (
+        cell.source
+        + f'\nMODEL = "tiny"\nWORK_DIR = {str(tmp_path / "work")!r}\n{params}\n'
         + f"import sys\nassert sys.executable == {sys.executable!r}, sys.executable\n"
     )
     client = nbclient.NotebookClient(
@@ -55,12 +57,35 @@ def test_inference_notebook_runs_on_tiny_model(tmp_path, monkeypatch):
     errors = [o for c in code for o in c.outputs if o.output_type == "error"]
     assert not errors, errors
     texts = [_outputs_text(c) for c in code]
-    assert any("nothing to do" in t for t in texts), "the install cell should not install when cwm_jax is importable"
     assert not any(t.strip() == "skipped" for t in texts), texts
-    (chat,) = [c for c in code if "gen.chat(" in c.source]
-    chat_lines = _outputs_text(chat).splitlines()
+    return code
+
+
+def _cell(code, snippet: str) -> str:
+    (cell,) = [c for c in code if snippet in c.source]
+    return _outputs_text(cell)
+
+
+def test_inference_notebook_runs_on_tiny_model(tmp_path, monkeypatch):
+    code = _execute(tmp_path, monkeypatch, "MAX_NEW_TOKENS = 24")
+    texts = [_outputs_text(c) for c in code]
+    assert any("nothing to do" in t for t in texts), "the install cell should not install when cwm_jax is importable"
+    memory = _cell(code, "serving.choose_bits(")
+    assert "not reported" in memory and "weights: float" in memory, memory  # CPU: "auto" keeps the float weights
+    chat_lines = _cell(code, "gen.chat(").splitlines()
     assert any(line.startswith("reasoning:") for line in chat_lines), chat_lines
     assert any(line.startswith("answer:") for line in chat_lines), chat_lines
-    (trace,) = [c for c in code if "gen.predict_trace(" in c.source]
-    assert "frame(s)" in _outputs_text(trace) or "the tiny model is random" in _outputs_text(trace)
+    trace = _cell(code, "gen.predict_trace(")
+    assert "frame(s)" in trace or "the tiny model is random" in trace
     assert (tmp_path / "work" / "tiny-orbax" / "config.json").is_file()
+    assert not (tmp_path / "work" / "tiny-orbax" / "quantization.json").exists()
+
+
+def test_inference_notebook_runs_int8_on_tiny_model(tmp_path, monkeypatch):
+    """BITS = "8": the convert cell quantizes the tiny checkpoint and the rest runs on the int8 model."""
+    code = _execute(tmp_path, monkeypatch, 'BITS = "8"\nMAX_NEW_TOKENS = 8')
+    assert "weights: int8" in _cell(code, "serving.choose_bits(")
+    quantized = tmp_path / "work" / "tiny-orbax-int8"
+    assert (quantized / "config.json").is_file() and (quantized / "quantization.json").is_file()
+    assert "int8 (per output channel, quantized head) weights" in _cell(code, "Generator.from_checkpoint(")
+    assert any(line.startswith("answer:") for line in _cell(code, "gen.chat(").splitlines())
