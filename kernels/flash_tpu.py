@@ -157,12 +157,25 @@ def _fwd_kernel(qb_ref, kb_ref, first_ref, last_ref, mask_ref, *refs, G, Q, C, w
         lse_ref[...] = (m_ref[...] + jnp.log(l_RL)).reshape(G, Q, LANES)
 
 
-def _dkv_kernel(kb_ref, qb_ref, first_ref, last_ref, mask_ref, *refs, G, Q, C, window, scale, has_segments):
-    ins, (qseg_ref, kseg_ref), outs = _split_refs(refs, has_segments, 6)
-    q_ref, k_ref, v_ref, do_ref, lse_ref, d_ref = ins
-    dk_ref, dv_ref, dk_acc, dv_acc = outs
-    p = pl.program_id(2)
+def _recompute(refs, p, masked, G, Q, C, window, scale):
+    """Both backward passes' shared step on pair p: (q [R, H], dO [R, H], k [C, H], P [R, C], dS [R, C]), P the
+    recomputed probabilities exp(S - lse) and dS = P * (dP - D) with dP = dO V^T (D = rowsum(dO * O) - dlse)."""
+    qb_ref, kb_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, d_ref, qseg_ref, kseg_ref = (*refs, None, None)[:10]
     H = q_ref.shape[-1]
+    q_RH = q_ref[...].reshape(G * Q, H)
+    do_RH = do_ref[...].reshape(G * Q, H)
+    k_CH = k_ref[...]
+    s_RC = _scores(q_RH, k_CH, scale, masked, qb_ref[p], kb_ref[p], G, Q, C, window, qseg_ref, kseg_ref)
+    p_RC = jnp.exp(s_RC - lse_ref[...].reshape(G * Q, LANES)[:, :1])
+    dp_RC = lax.dot_general(do_RH, v_ref[...], (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+    ds_RC = p_RC * (dp_RC - d_ref[...].reshape(G * Q, LANES)[:, :1])
+    return q_RH, do_RH, k_CH, p_RC, ds_RC
+
+
+def _dkv_kernel(kb_ref, qb_ref, first_ref, last_ref, mask_ref, *refs, G, Q, C, window, scale, has_segments):
+    ins, segs, (dk_ref, dv_ref, dk_acc, dv_acc) = _split_refs(refs, has_segments, 6)
+    refs_ = (qb_ref, kb_ref, *ins, *segs)
+    p = pl.program_id(2)
 
     @pl.when(first_ref[p] != 0)
     def _init():
@@ -170,16 +183,10 @@ def _dkv_kernel(kb_ref, qb_ref, first_ref, last_ref, mask_ref, *refs, G, Q, C, w
         dv_acc[...] = jnp.zeros(dv_acc.shape, jnp.float32)
 
     def body(masked):
-        q_RH = q_ref[...].reshape(G * Q, H)
-        do_RH = do_ref[...].reshape(G * Q, H)
-        k_CH, v_CH = k_ref[...], v_ref[...]
-        s_RC = _scores(q_RH, k_CH, scale, masked, qb_ref[p], kb_ref[p], G, Q, C, window, qseg_ref, kseg_ref)
-        p_RC = jnp.exp(s_RC - lse_ref[...].reshape(G * Q, LANES)[:, :1])
+        q_RH, do_RH, k_CH, p_RC, ds_RC = _recompute(refs_, p, masked, G, Q, C, window, scale)
         # Contracting the rows of both operands sums the G query heads of this KV head straight into dK, dV.
         t_dims = (((0,), (0,)), ((), ()))
         dv_acc[...] += lax.dot_general(p_RC.astype(do_RH.dtype), do_RH, t_dims, preferred_element_type=jnp.float32)
-        dp_RC = lax.dot_general(do_RH, v_CH, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
-        ds_RC = p_RC * (dp_RC - d_ref[...].reshape(G * Q, LANES)[:, :1])
         dk_acc[...] += lax.dot_general(ds_RC.astype(q_RH.dtype), q_RH, t_dims, preferred_element_type=jnp.float32)
 
     _branch_on_mask(mask_ref[p], has_segments, body)
@@ -191,23 +198,16 @@ def _dkv_kernel(kb_ref, qb_ref, first_ref, last_ref, mask_ref, *refs, G, Q, C, w
 
 
 def _dq_kernel(qb_ref, kb_ref, first_ref, last_ref, mask_ref, *refs, G, Q, C, window, scale, has_segments):
-    ins, (qseg_ref, kseg_ref), (dq_ref, dq_acc) = _split_refs(refs, has_segments, 6)
-    q_ref, k_ref, v_ref, do_ref, lse_ref, d_ref = ins
+    ins, segs, (dq_ref, dq_acc) = _split_refs(refs, has_segments, 6)
+    refs_ = (qb_ref, kb_ref, *ins, *segs)
     p = pl.program_id(2)
-    H = q_ref.shape[-1]
 
     @pl.when(first_ref[p] != 0)
     def _init():
         dq_acc[...] = jnp.zeros(dq_acc.shape, jnp.float32)
 
     def body(masked):
-        q_RH = q_ref[...].reshape(G * Q, H)
-        do_RH = do_ref[...].reshape(G * Q, H)
-        k_CH, v_CH = k_ref[...], v_ref[...]
-        s_RC = _scores(q_RH, k_CH, scale, masked, qb_ref[p], kb_ref[p], G, Q, C, window, qseg_ref, kseg_ref)
-        p_RC = jnp.exp(s_RC - lse_ref[...].reshape(G * Q, LANES)[:, :1])
-        dp_RC = lax.dot_general(do_RH, v_CH, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
-        ds_RC = p_RC * (dp_RC - d_ref[...].reshape(G * Q, LANES)[:, :1])
+        _, _, k_CH, _, ds_RC = _recompute(refs_, p, masked, G, Q, C, window, scale)
         dq_acc[...] += jnp.dot(ds_RC.astype(k_CH.dtype), k_CH, preferred_element_type=jnp.float32)
 
     _branch_on_mask(mask_ref[p], has_segments, body)
