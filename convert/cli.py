@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import os
 import re
 import resource
@@ -41,10 +40,6 @@ CARRIED_FILES = (
 DTYPES = ("bfloat16", "float32")
 # int4 without a group size loses too much (cwm_jax.quant); 128 is the common choice and divides every 32B width.
 DEFAULT_INT4_GROUP = 128
-# Source bytes of one weight quantized per `quant.quantize` call: its temporaries are ~8x its input (1.07 GB for a
-# 134 MB bf16 weight). Quantizing a checkpoint whose largest tensors (head, embedding) are 537 MB in bf16 peaked at
-# 5.44 GB RSS with whole weights and at 1.66 GB with 32 MB slabs, 1.3x faster.
-QUANT_SLAB_BYTES = 32 << 20
 
 
 class ConvertError(Exception):
@@ -148,42 +143,6 @@ def quant_from_flags(
     return quant.QuantConfig(bits=bits, group_size=group_size, head=not keep_head, scale_dtype=scale_dtype)
 
 
-def _quantized(leaves: Iterable, qc) -> Iterator[tuple[tuple[str, ...], np.ndarray]]:
-    """Canonical leaves -> a quantized checkpoint's: each weight `qc` names (path[-1]: "q", ..., "lm_head") becomes
-    its P + ("qvalue",) and P + ("scale",) leaves (`quant.quantize`); the rest pass through unchanged."""
-    for path, array in leaves:
-        if path[-1] not in qc.names:
-            yield path, array
-            continue
-        qvalue, scale = _quantize_in_slabs(array, path[-1], qc)
-        del array
-        yield (*path, "qvalue"), qvalue
-        yield (*path, "scale"), scale
-
-
-def _quantize_in_slabs(w: np.ndarray, name: str, qc) -> tuple[np.ndarray, np.ndarray]:
-    """`quant.quantize(w, name, qc)`, computed a slab of output columns (about QUANT_SLAB_BYTES of `w`) at a time.
-
-    Columns quantize independently (a scale covers one output column, a group runs along the input), so the result
-    is the same; host memory stays near the output plus one slab's temporaries.
-    """
-    import jax.numpy as jnp
-
-    from cwm_jax import quant
-
-    axis = quant.N_IN[name]  # the first output axis
-    step = max(1, QUANT_SLAB_BYTES * w.shape[axis] // max(w.nbytes, 1))
-    if step >= w.shape[axis]:
-        return quant.quantize(w, name, qc)
-    qvalue = np.empty(w.shape, jnp.dtype(qc.qtype))
-    scale = np.empty(quant.scale_shape(w.shape, axis, qc), jnp.dtype(qc.scale_dtype))
-    columns = math.prod(w.shape[axis + 1 :])  # flattened output columns per index along `axis`
-    for i in range(0, w.shape[axis], step):
-        slab = (slice(None),) * axis + (slice(i, i + step),)
-        qvalue[slab], scale[:, i * columns : (i + step) * columns] = quant.quantize(w[slab], name, qc)
-    return qvalue, scale
-
-
 def _cast(tensors: Iterator, dtype: str, progress: Progress) -> Iterable[tuple[tuple[str, ...], np.ndarray]]:
     """(canonical path, array in `dtype`) per source tensor, counting source bytes read."""
     from cwm_jax.hf import numpy_dtype
@@ -216,7 +175,7 @@ def hf_to_orbax(
     progress = Progress(sum(t.nbytes for t in tensors), "hf-to-orbax", quiet)
     leaves = _cast(hf.iter_hf_tensors(tensors), target, progress)
     if quant_config is not None:
-        leaves = _quantized(leaves, quant_config)
+        leaves = quant.quantize_leaves(leaves, quant_config)
     checkpoint.save_streaming(dst, config, leaves, files=_carried(src), overwrite=overwrite, quant_config=quant_config)
     return _summary(progress, dst, quant_config)
 
@@ -267,7 +226,7 @@ def quantize(src: str, dst: str, qc, overwrite: bool = False, quiet: bool = Fals
     checkpoint.save_streaming(
         dst,
         config,
-        _quantized(checkpoint.iter_leaves(src), qc),
+        quant.quantize_leaves(checkpoint.iter_leaves(src), qc),
         files=_carried(src),
         overwrite=overwrite,
         quant_config=qc,

@@ -20,6 +20,7 @@ import dataclasses
 import functools
 import json
 import math
+from collections.abc import Iterable, Iterator
 from typing import NamedTuple
 
 import jax
@@ -46,6 +47,10 @@ SCALE_AXES = {
     "lm_head": (None, "vocab"),
 }
 QTYPES = {8: jnp.int8, 4: jnp.int4}
+# Source bytes of one weight quantized per `quant.quantize` call: its temporaries are ~8x its input (1.07 GB for a
+# 134 MB bf16 weight). Quantizing a checkpoint whose largest tensors (head, embedding) are 537 MB in bf16 peaked at
+# 5.44 GB RSS with whole weights and at 1.66 GB with 32 MB slabs, 1.3x faster.
+QUANT_SLAB_BYTES = 32 << 20
 
 
 class QuantError(ConfigError):
@@ -157,6 +162,38 @@ def _quantize_2d(w_KO, bits: int, group_size: int | None, scale_dtype: str):
     return codes.astype(QTYPES[bits]), scale_GO
 
 
+def quantize_leaves(leaves: Iterable, qc: QuantConfig) -> Iterator[tuple[tuple[str, ...], np.ndarray]]:
+    """Canonical leaves -> a quantized checkpoint's: each weight `qc` names (path[-1]: "q", ..., "lm_head") becomes
+    its P + ("qvalue",) and P + ("scale",) leaves (`quant.quantize`); the rest pass through unchanged."""
+    for path, array in leaves:
+        if path[-1] not in qc.names:
+            yield path, array
+            continue
+        qvalue, scale = _quantize_in_slabs(array, path[-1], qc)
+        del array
+        yield (*path, "qvalue"), qvalue
+        yield (*path, "scale"), scale
+
+
+def _quantize_in_slabs(w: np.ndarray, name: str, qc) -> tuple[np.ndarray, np.ndarray]:
+    """`quantize(w, name, qc)`, computed a slab of output columns (about QUANT_SLAB_BYTES of `w`) at a time.
+
+    Columns quantize independently (a scale covers one output column, a group runs along the input), so the result
+    is the same; host memory stays near the output plus one slab's temporaries.
+    """
+    axis = N_IN[name]  # the first output axis
+    step = max(1, QUANT_SLAB_BYTES * w.shape[axis] // max(w.nbytes, 1))
+    if step >= w.shape[axis]:
+        return quantize(w, name, qc)
+    qvalue = np.empty(w.shape, jnp.dtype(qc.qtype))
+    scale = np.empty(scale_shape(w.shape, axis, qc), jnp.dtype(qc.scale_dtype))
+    columns = math.prod(w.shape[axis + 1 :])  # flattened output columns per index along `axis`
+    for i in range(0, w.shape[axis], step):
+        slab = (slice(None),) * axis + (slice(i, i + step),)
+        qvalue[slab], scale[:, i * columns : (i + step) * columns] = quantize(w[slab], name, qc)
+    return qvalue, scale
+
+
 def dequantize(qvalue, scale, n_in: int, dtype=jnp.float32):
     """qvalue * scale back in the canonical shape (for tests and export; the model never does this)."""
     k, out = _view(qvalue.shape, n_in)
@@ -227,6 +264,7 @@ __all__ = [
     "dequantize",
     "matmul",
     "quantize",
+    "quantize_leaves",
     "read",
     "scale_shape",
     "weight_bytes",

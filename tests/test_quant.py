@@ -113,13 +113,7 @@ def test_weight_bytes_of_the_32b_model():
 
 
 def _quantized_leaves(model, qc):
-    for path, value in checkpoint.model_leaves(model):
-        if path[-1] in qc.names:
-            qvalue, scale = quant.quantize(value, path[-1], qc)
-            yield (*path, "qvalue"), qvalue
-            yield (*path, "scale"), scale
-        else:
-            yield path, value
+    return quant.quantize_leaves(checkpoint.model_leaves(model), qc)
 
 
 @pytest.fixture(scope="module")

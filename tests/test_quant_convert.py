@@ -92,7 +92,7 @@ def test_quantize(float_ckpt, tmp_path, capsys, monkeypatch, flags, qc):
     src, ref_logits = float_ckpt
     dst = str(tmp_path / "quantized")
     # Slabs of a few columns, so the per-slab quantization is checked against whole-leaf `quant.quantize` below.
-    monkeypatch.setattr(cli, "QUANT_SLAB_BYTES", 4096)
+    monkeypatch.setattr(quant, "QUANT_SLAB_BYTES", 4096)
     assert _convert("quantize", src, dst, *flags) == 0
     specs = checkpoint.leaf_specs(CONFIG, qc)
     line = capsys.readouterr().out

@@ -41,17 +41,9 @@ SCHEMES = {"int8": quant.QuantConfig(bits=8), "int4": quant.QuantConfig(bits=4, 
 def _quantize_checkpoint(src, dst, qc: quant.QuantConfig) -> None:
     """A quantized copy of the converted checkpoint `src` at `dst`, one leaf at a time."""
 
-    def leaves():
-        for path, w in checkpoint.iter_leaves(src):
-            if path[-1] in qc.names:
-                qvalue, scale = quant.quantize(w, path[-1], qc)
-                yield (*path, "qvalue"), qvalue
-                yield (*path, "scale"), scale
-            else:
-                yield path, w
-
     files = [f for f in src.iterdir() if f.is_file() and f.name != checkpoint.CONFIG_FILE]
-    checkpoint.save_streaming(dst, checkpoint.read_config(src), leaves(), files=files, quant_config=qc)
+    leaves = quant.quantize_leaves(checkpoint.iter_leaves(src), qc)
+    checkpoint.save_streaming(dst, checkpoint.read_config(src), leaves, files=files, quant_config=qc)
 
 
 def _held_out_rows(tokenizer) -> np.ndarray:
