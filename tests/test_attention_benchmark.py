@@ -89,3 +89,13 @@ def test_flop_convention_counts_visible_pairs(bench):
     setup = bench.Setup(seq_lens=(8,), window=2, B=2, N=3, H=16)
     assert bench.credited_flops(setup, 8, 2, "forward") == 4 * 15 * 16 * 3 * 2
     assert bench.credited_flops(setup, 8, 2, "forward+backward") == 3.5 * 4 * 15 * 16 * 3 * 2
+
+
+def test_gpu_sweep_smoke_runs_on_cpu():
+    """benchmarks/gpu_sweep.py --smoke: one tiny configuration through the interpreted kernel, both passes timed."""
+    import subprocess
+
+    out = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "gpu_sweep.py"), "--smoke"], capture_output=True, text=True, check=True
+    ).stdout
+    assert "fwd" in out and "fail" not in out, out

@@ -1,4 +1,8 @@
-"""The GPU (Pallas/Triton) flash-attention kernel in interpret mode against the dense oracle, forward and backward.
+"""The GPU (Pallas/Triton) flash-attention kernel against the dense oracle, forward and backward.
+
+On the CPU (CI) the kernels run in Pallas' interpret mode; on a GPU backend the same tests run the compiled Triton
+kernels (`JAX_PLATFORMS=cuda JAX_DEFAULT_MATMUL_PRECISION=highest pytest tests/test_kernels_gpu.py`: the precision
+flag keeps XLA's float32 oracle off TF32, which the kernel avoids too).
 
 Shape legend: B batch, T positions, N query heads, K KV heads, H head dim, W window.
 """
@@ -15,6 +19,8 @@ from hypothesis import strategies as st
 
 from cwm_jax.attention import attention_dense
 from cwm_jax.kernels import flash_gpu, schedule
+
+INTERPRET = jax.default_backend() != "gpu"
 
 
 def _dense_lse(q_BTNH, k_BTKH, window, seg_BT):
@@ -45,11 +51,11 @@ def _run(q, k, v, seg, do, dlse, *, window, block_q, block_k, lse_cotangent):
     """(o, lse, grads) of the kernel and of the float32 oracle, in one jit so each case compiles once."""
 
     # LLVM -O0: the interpreted kernels compile ~3x faster on CPU and these shapes run in milliseconds either way.
-    @functools.partial(jax.jit, compiler_options={"xla_backend_optimization_level": 0})
+    @functools.partial(jax.jit, compiler_options={"xla_backend_optimization_level": 0} if INTERPRET else None)
     def both(q, k, v, seg, do, dlse):
         def kernel(q, k, v):
             return flash_gpu.flash_attention(
-                q, k, v, window=window, segment_ids_BT=seg, block_q=block_q, block_k=block_k, interpret=True,
+                q, k, v, window=window, segment_ids_BT=seg, block_q=block_q, block_k=block_k, interpret=INTERPRET,
                 return_lse=True,
             )  # fmt: skip
 
@@ -157,7 +163,7 @@ def test_cost_estimate_counts_visited_pairs():
 def test_bad_block_size_raises(block_q, block_k):
     q, k, v, *_ = _inputs(0, 1, 32, 2, 1, 16, segments=False)
     with pytest.raises(ValueError, match=r"power of two >= 16 \(16, 32, 64, 128"):
-        flash_gpu.flash_attention(q, k, v, block_q=block_q, block_k=block_k, interpret=True)
+        flash_gpu.flash_attention(q, k, v, block_q=block_q, block_k=block_k, interpret=INTERPRET)
 
 
 def test_lowers_to_triton_for_cuda():
