@@ -11,7 +11,15 @@ setup(
     version="0.1.0",
     description="CWM (Code World Model) in JAX / Flax NNX: exact decoder, conversion, inference and training on TPUs",
     python_requires=">=3.11",
-    packages=["cwm_jax", "cwm_jax.data", "cwm_jax.train", "cwm_jax.kernels", "cwm_jax.convert"],
+    packages=[
+        "cwm_jax",
+        "cwm_jax.data",
+        "cwm_jax.train",
+        "cwm_jax.kernels",
+        "cwm_jax.convert",
+        "cwm_jax.rl",
+        "cwm_jax.traces",
+    ],
     package_dir={"cwm_jax": "cwm_jax", "cwm_jax.kernels": "kernels", "cwm_jax.convert": "convert"},
     install_requires=[
         "jax>=0.10.2",
@@ -63,6 +71,8 @@ setup(
             "cwm-generate=cwm_jax.generate_cli:main",
             "cwm-plan=cwm_jax.plan:main",
             "cwm-data=cwm_jax.data.cli:main",
+            "cwm-eval=cwm_jax.eval_cli:main",
+            "cwm-debug=cwm_jax.traces.debugger:main",
         ]
     },
 )

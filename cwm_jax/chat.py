@@ -50,8 +50,8 @@ _TOOL_CALL = re.compile(rf"<tool: ({TOOL_NAME})>\n(?:(.*?)\n)?</tool>", re.DOTAL
 ROLES = ("system", "user", "assistant", "tool: NAME")
 
 EVENTS = ("call", "line", "return", "exception")
-_EVENT_SEP = {"call": CALL_SEP, "line": LINE_SEP, "return": RETURN_SEP, "exception": EXCEPTION_SEP}
-_SEP_EVENT = {sep: event for event, sep in _EVENT_SEP.items()}
+EVENT_SEP = {"call": CALL_SEP, "line": LINE_SEP, "return": RETURN_SEP, "exception": EXCEPTION_SEP}
+_SEP_EVENT = {sep: event for event, sep in EVENT_SEP.items()}
 _TRACE_END = re.compile("|".join(re.escape(t) for t in STOP_TOKENS))
 
 
@@ -311,7 +311,7 @@ def render_trace(frames: Iterable[Frame], *, end: bool = True) -> list[Segment]:
     """
     pieces: list[Segment] = []
     for f in frames:
-        pieces.append(_special(_EVENT_SEP[f.event]))
+        pieces.append(_special(EVENT_SEP[f.event]))
         if f.event in ("call", "line"):
             pieces += [_text(json.dumps(f.locals)), _special(ACTION_SEP), _text(f.source_line)]
         else:
@@ -322,19 +322,28 @@ def render_trace(frames: Iterable[Frame], *, end: bool = True) -> list[Segment]:
     return _segments(pieces)
 
 
-def parse_trace(text: str) -> list[Frame]:
+def parse_trace(text: str, *, strict: bool = True) -> list[Frame]:
     """Frames of a predicted trace: the text generated after the trace prompt, special tokens as their strings.
 
     The trace ends at the first stop token string (<|end_of_text|>, <|eot_id|>, <|eom_id|>) or at the end of the
     text; a last frame without its <|frame_sep|> (a cut generation) is dropped. A complete frame that is malformed
-    raises ValueError naming its index. Text is split at special strings, so a source line or repr that itself
-    contains one cannot be parsed back from text.
+    raises ValueError naming its index, or with `strict=False` ends the trace there (the frames before it are
+    returned). Text is split at special strings, so a source line or repr that itself contains one cannot be parsed
+    back from text.
     """
     stop = _TRACE_END.search(text)
     if stop:
         text = text[: stop.start()]
     chunks = text.split(FRAME_SEP)[:-1]  # the piece after the last separator is empty or a cut frame
-    return [_parse_frame(chunk, i) for i, chunk in enumerate(chunks)]
+    frames = []
+    for i, chunk in enumerate(chunks):
+        try:
+            frames.append(_parse_frame(chunk, i))
+        except ValueError:
+            if strict:
+                raise
+            break
+    return frames
 
 
 def _parse_frame(chunk: str, index: int) -> Frame:

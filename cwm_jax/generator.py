@@ -12,13 +12,17 @@ from typing import Any
 
 from cwm_jax import checkpoint
 from cwm_jax.chat import (
+    EVENT_SEP,
+    FRAME_SEP,
     Frame,
     Message,
     Reply,
+    Segment,
     encode_segments,
     parse_reply,
     parse_trace,
     render_chat,
+    render_trace,
     render_trace_prompt,
 )
 from cwm_jax.generate import generate
@@ -140,6 +144,52 @@ class Generator:
         ids = self._encode(render_trace_prompt(source, entry_function), "a trace prompt")
         return parse_trace(self._generate_text(ids, max_new_tokens, temperature, top_p, top_k, seed, ()))
 
+    def predict_frames(
+        self,
+        source: str,
+        entry_function: str,
+        frames: Sequence[Frame] = (),
+        *,
+        event: str | None = None,
+        one_frame: bool = False,
+        max_new_tokens: int = 1024,
+        temperature: float = TEMPERATURE,
+        top_p: float | None = TOP_P,
+        top_k: int | None = None,
+        seed: int = 0,
+    ) -> tuple[list[Frame], bool]:
+        """The frames the model predicts after the trace prompt and `frames` (the trace so far: e.g. the entry's
+        real call frame, which carries the inputs, or earlier predictions), as the release's debugger prompts it.
+
+        `event` ("call", "line", "return", "exception") forces the next frame's event token; `one_frame` stops after
+        the next frame. Returns (frames, ended): `ended` when the model closed the trace (<|end_of_text|> or another
+        stop token) rather than `max_new_tokens` (clipped to the context left) or `one_frame` stopping it. Raises
+        GeneratorError when the prompt fills the context. Parsing is lenient: a malformed frame
+        ends the prediction there (the frames before it are returned, ended False).
+        """
+        if event is not None and event not in EVENT_SEP:
+            raise GeneratorError(f"event must be one of {sorted(EVENT_SEP)} or None, got {event!r}")
+        prefix = [*render_trace_prompt(source, entry_function), *render_trace(frames, end=False)]
+        ids = self._encode(prefix, "a trace prompt")
+        forced = self._encode([Segment("special", EVENT_SEP[event])], "an event") if event else []
+        frame_sep = self._encode([Segment("special", FRAME_SEP)], "a frame separator")[0]
+        room = self.model.config.max_position_embeddings - len(ids) - len(forced)
+        if room < 1:
+            raise GeneratorError(
+                f"the trace prompt and its {len(frames)} frames take {len(ids) + len(forced)} tokens, the whole "
+                f"context of {self.model.config.max_position_embeddings} (config max_position_embeddings)"
+            )
+        max_new_tokens = min(max_new_tokens, room)  # a trace runs until the model ends it or the context is full
+        new = self._generate_ids(
+            ids + forced, max_new_tokens, temperature, top_p, top_k, seed, extra_stops=(frame_sep,) if one_frame else ()
+        )
+        end = next((i for i, t in enumerate(new) if t in self._stop_ids or (one_frame and t == frame_sep)), None)
+        ended = end is not None and new[end] in self._stop_ids
+        text = (EVENT_SEP[event] if event else "") + self.tokenizer.decode(new if end is None else new[:end])
+        if end is not None and new[end] == frame_sep:
+            text += FRAME_SEP
+        return parse_trace(text, strict=False), ended
+
     def _encode(self, segments, what: str) -> list[int]:
         try:
             return encode_segments(segments, self.tokenizer)
@@ -164,7 +214,8 @@ class Generator:
 
         return on_token, finish
 
-    def _generate_text(self, ids, max_new_tokens, temperature, top_p, top_k, seed, stop, on_text=None) -> str:
+    def _generate_ids(self, ids, max_new_tokens, temperature, top_p, top_k, seed, on_text=None, extra_stops=()):
+        """The new token ids (up to and including the stop token that ended generation, if any)."""
         limit = self.model.config.max_position_embeddings
         if max_new_tokens < 1:
             raise GeneratorError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
@@ -180,7 +231,6 @@ class Generator:
                 f"context of {limit} tokens (config max_position_embeddings); shorten the prompt or lower "
                 f"max_new_tokens to at most {limit - len(ids)}"
             )
-        stop = [s for s in stop if s]
         streamer = self._streamer(on_text) if on_text is not None else None
         (new,) = generate(
             self.model,
@@ -190,11 +240,16 @@ class Generator:
             top_k=top_k,
             top_p=top_p,
             seed=seed,
-            stop_ids=self._stop_ids,
+            stop_ids=self._stop_ids | frozenset(extra_stops),
             on_token=streamer[0] if streamer else None,
         )
         if streamer:
             streamer[1]()
+        return new
+
+    def _generate_text(self, ids, max_new_tokens, temperature, top_p, top_k, seed, stop, on_text=None) -> str:
+        new = self._generate_ids(ids, max_new_tokens, temperature, top_p, top_k, seed, on_text)
+        stop = [s for s in stop if s]
         # Text ends before the stop token that ended generation.
         end = next((i for i, t in enumerate(new) if t in self._stop_ids), len(new))
         text = self.tokenizer.decode(new[:end])

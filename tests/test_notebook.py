@@ -1,6 +1,7 @@
-"""notebooks/inference.ipynb executed end to end with nbclient on the tiny random model (no downloads).
+"""The notebooks executed end to end with nbclient on tiny models (no downloads): notebooks/inference.ipynb on the tiny
+random model, notebooks/neural_debugger.ipynb on the tiny model trained on traces (tests/conftest.py).
 
-The parameters cell is replaced to pick MODEL = "tiny" and a temporary WORK_DIR. The kernel is this interpreter (a
+The parameters cell is extended to pick MODEL = "tiny" and a temporary WORK_DIR. The kernel is this interpreter (a
 "python3" kernel spec written to a temporary JUPYTER_PATH, which comes first in the search, so a user's own "python3"
 spec cannot pick another Python), so it imports the cwm_jax under test; the parameters cell also asserts that.
 """
@@ -11,8 +12,11 @@ from pathlib import Path
 
 import nbclient
 import nbformat
+import pytest
 
-NOTEBOOK = Path(__file__).resolve().parents[1] / "notebooks" / "inference.ipynb"
+NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
+NOTEBOOK = NOTEBOOKS / "inference.ipynb"
+DEBUGGER = NOTEBOOKS / "neural_debugger.ipynb"
 
 
 def _outputs_text(cell) -> str:
@@ -25,15 +29,16 @@ def _outputs_text(cell) -> str:
     return "".join(parts)
 
 
-def test_committed_notebook_has_no_outputs():
-    nb = nbformat.read(NOTEBOOK, as_version=4)
+@pytest.mark.parametrize("notebook", [NOTEBOOK, DEBUGGER], ids=lambda p: p.name)
+def test_committed_notebook_has_no_outputs(notebook):
+    nb = nbformat.read(notebook, as_version=4)
     nbformat.validate(nb)
     code = [c for c in nb.cells if c.cell_type == "code"]
     assert all(not c.outputs and c.execution_count is None for c in code)
     assert sum("parameters" in c.metadata.get("tags", []) for c in code) == 1
 
 
-def _execute(tmp_path, monkeypatch, params: str) -> list:
+def _execute(tmp_path, monkeypatch, params: str, notebook=NOTEBOOK) -> list:
     """Run the notebook with its parameters cell extended by `params` (MODEL = "tiny" and a temporary WORK_DIR come
     first); returns the executed code cells, after checking that none errored or was skipped."""
     spec = tmp_path / "jupyter" / "kernels" / "python3"
@@ -41,7 +46,7 @@ def _execute(tmp_path, monkeypatch, params: str) -> list:
     argv = [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"]
     (spec / "kernel.json").write_text(json.dumps({"argv": argv, "display_name": "Python 3", "language": "python"}))
     monkeypatch.setenv("JUPYTER_PATH", str(tmp_path / "jupyter"))
-    nb = nbformat.read(NOTEBOOK, as_version=4)
+    nb = nbformat.read(notebook, as_version=4)
     (cell,) = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
     cell.source = (
         cell.source
@@ -89,3 +94,14 @@ def test_inference_notebook_runs_int8_on_tiny_model(tmp_path, monkeypatch):
     assert (quantized / "config.json").is_file() and (quantized / "quantization.json").is_file()
     assert "int8 (per output channel, quantized head) weights" in _cell(code, "Generator.from_checkpoint(")
     assert any(line.startswith("answer:") for line in _cell(code, "gen.chat(").splitlines())
+
+
+def test_neural_debugger_notebook_runs_on_the_trace_model(tmp_path, monkeypatch, trained_trace_model):
+    """The debugger notebook on the tiny model trained on traces, with the release's example and a real run."""
+    params = f"CHECKPOINT = {str(trained_trace_model['trained'])!r}\nCALL = 'f(\"r\")'"
+    code = _execute(tmp_path, monkeypatch, params, notebook=DEBUGGER)
+    assert 'real run of f("r"): ok' in _cell(code, "run.trace(")
+    assert "-> def f(c):" in _cell(code, "run.trace(")  # the session starts at the real call frame
+    steps = _cell(code, "def show(command)")
+    assert steps.count("[step] predicted") == 2 and "[next] predicted" in steps and "real      ->" in steps
+    assert "output exact:" in _cell(code, "evaluate.score(")

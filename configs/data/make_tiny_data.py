@@ -1,11 +1,14 @@
 """Toy data for the tiny configs, from the Python standard library alone (no download): run once, outputs committed.
 
-    python configs/data/make_tiny_data.py   # writes configs/data/tiny_traces.jsonl and tiny_chat.jsonl
+    python configs/data/make_tiny_data.py   # writes trace_corpus.jsonl, tiny_traces.jsonl and tiny_chat.jsonl here
 
-- tiny_traces.jsonl: `{"trace": {"source", "entry", "frames"}}` records (format "trace" of cwm_jax/data/formats.py),
-  made by running the small programs below under a toy `sys.settrace` tracer. This is NOT the project's tracer: the
-  real one, which follows the release's trace format in full, is the traces issue's `cwm_jax/traces/`; this one only
-  makes toy data for configs/tiny_midtrain.py.
+- trace_corpus.jsonl: a corpus for `cwm-data traces` (`{"id", "source", "entry", "calls"}` records): seven short
+  functions (branches, loops, a callee, strings and lists), each with 41 distinct calls drawn with a fixed seed, for
+  configs/tiny_traces.py and the tests' trace-trained tiny model (which holds the first call of each out).
+- tiny_traces.jsonl: `{"trace": {"source", "entry", "frames"}, ...}` records (format "trace" of
+  cwm_jax/data/formats.py): the small programs below traced by the project's tracer in sandboxes
+  (`cwm_jax.traces.corpus.build_traces`, as `cwm-data traces` does), traces over 60 frames dropped, reprs cut to 80
+  characters, for configs/tiny_midtrain.py.
 - tiny_chat.jsonl: `{"messages": [...]}` records (format "chat"): a reasoning-mode system prompt, a question about a
   standard library function or class, and an answer that quotes the first paragraph of its docstring inside the
   reasoning format, for configs/tiny_sft.py and the chat part of the mid-training mixture.
@@ -16,19 +19,20 @@ written under a temporary name and renamed, so a failed run leaves the committed
 
 from __future__ import annotations
 
-import copy
 import importlib
 import inspect
 import json
 import os
-import re
-import sys
+import random
+import tempfile
 from pathlib import Path
 
-from cwm_jax.chat import REASONING_SYSTEM_PROMPT, mark_entry
+from cwm_jax.chat import REASONING_SYSTEM_PROMPT
+from cwm_jax.traces.corpus import build_traces
+from cwm_jax.traces.run import TraceLimits
 
 HERE = Path(__file__).resolve().parent
-MAX_FRAMES = 60  # longer traces are dropped
+MAX_FRAMES = 60  # longer traces (the tracer's frame limit) are dropped
 MAX_REPR = 80  # reprs are cut to this many characters
 MAX_ANSWER = 320  # docstring paragraphs are cut to about this many characters
 CHAT_RECORDS = 300
@@ -461,80 +465,55 @@ PROGRAMS = [
 ]
 
 
-def short_repr(value) -> str:
-    try:
-        r = repr(value)
-    except Exception:  # e.g. an object seen in __init__ before the attributes its repr reads
-        r = f"<{type(value).__qualname__} object>"
-    r = re.sub(r" at 0x[0-9a-fA-F]+", "", r)  # default reprs carry an address, which changes from run to run
-    return r if len(r) <= MAX_REPR else r[: MAX_REPR - 3] + "..."
+# Short functions whose traces fit a 512-token row with their prompt, each with a generator of random calls.
+TOY_FUNCTIONS = [
+    ("def sign(x):\n    if x > 0:\n        return 'positive'\n    if x < 0:\n        return 'negative'\n"
+     "    return 'zero'\n",
+     "sign", lambda r: f"sign({r.randint(-40, 40)})"),
+    ("def larger(a, b):\n    if a > b:\n        return a\n    return b\n",
+     "larger", lambda r: f"larger({r.randint(0, 30)}, {r.randint(0, 30)})"),
+    ("def clamp(x, lo, hi):\n    if x < lo:\n        return lo\n    if x > hi:\n        return hi\n    return x\n",
+     "clamp", lambda r: f"clamp({r.randint(0, 20)}, {r.randint(0, 8)}, {r.randint(10, 15)})"),
+    ("def shout(word):\n    loud = word.upper()\n    return loud + '!'\n",
+     "shout", lambda r: f"shout({''.join(r.choice('abcdefgh') for _ in range(r.randint(1, 5)))!r})"),
+    ("def count_evens(xs):\n    count = 0\n    for x in xs:\n        if x % 2 == 0:\n            count += 1\n"
+     "    return count\n",
+     "count_evens", lambda r: f"count_evens({[r.randint(0, 9) for _ in range(r.randint(1, 3))]})"),
+    ("def double_all(xs):\n    out = []\n    for x in xs:\n        out.append(x * 2)\n    return out\n",
+     "double_all", lambda r: f"double_all({[r.randint(0, 9) for _ in range(r.randint(1, 3))]})"),
+    ("def square(v):\n    return v * v\n\n\ndef sum_of_squares(a, b):\n    total = square(a) + square(b)\n"
+     "    return total\n",
+     "sum_of_squares", lambda r: f"sum_of_squares({r.randint(0, 9)}, {r.randint(0, 9)})"),
+]  # fmt: skip
+CALLS_PER_FUNCTION = 41
 
 
-class ToyTracer:
-    """Records call / line / return / exception events of code compiled from one file name (the program)."""
-
-    def __init__(self, filename: str, lines: list[str]):
-        self.filename, self.lines = filename, lines
-        self.frames: list[dict] = []
-        self.last: dict[int, dict[str, str]] = {}  # per scope (frame id): locals of its previous frame
-        self.prev_scope: int | None = None  # scope of the previous call / line frame, None after return/exception
-
-    def _line(self, frame) -> str:
-        return self.lines[frame.f_lineno - 1]
-
-    def _locals(self, frame, full: bool) -> dict[str, str]:
-        now = {k: short_repr(v) for k, v in frame.f_locals.items()}
-        before = {} if full else self.last.get(id(frame), {})
-        self.last[id(frame)] = now
-        return {k: ".." if before.get(k) == v else v for k, v in now.items()}
-
-    def __call__(self, frame, event, arg):
-        if event != "call" or frame.f_code.co_filename != self.filename:
-            return None
-        self.frames.append({"event": "call", "locals": self._locals(frame, full=True), "line": self._line(frame)})
-        self.prev_scope = id(frame)
-        return self._local
-
-    def _local(self, frame, event, arg):
-        if event == "line":
-            # ".." only when the frame just before is of this scope: after a callee's return or an exception the
-            # release's debugger stops walking back, so those frames carry full values.
-            full = self.prev_scope != id(frame)
-            self.frames.append({"event": "line", "locals": self._locals(frame, full), "line": self._line(frame)})
-            self.prev_scope = id(frame)
-        elif event == "return":
-            self.frames.append({"event": "return", "line": self._line(frame), "value": short_repr(arg)})
-            self.last.pop(id(frame), None)
-            self.prev_scope = None
-        elif event == "exception":
-            self.frames.append({"event": "exception", "line": self._line(frame), "value": short_repr(arg[1])})
-            self.prev_scope = None
-        return self._local
-
-
-def trace_call(source: str, entry: str, args: tuple) -> dict:
-    """A trace record of `entry(*args)` in `source`: the program, its entry function and the frames."""
-    filename = f"<tiny-trace {entry}>"
-    namespace: dict = {}
-    exec(compile(source, filename, "exec"), namespace)
-    tracer = ToyTracer(filename, mark_entry(source, entry).splitlines())
-    args = copy.deepcopy(args)  # programs may mutate their arguments (hanoi's moves); PROGRAMS stays as written
-    sys.settrace(tracer)
-    try:
-        namespace[entry](*args)
-    finally:
-        sys.settrace(None)
-    return {"source": source, "entry": entry, "frames": tracer.frames}
-
-
-def make_traces() -> list[dict]:
+def make_trace_corpus() -> list[dict]:
+    rng = random.Random(0)
     records = []
-    for source, entry, inputs in PROGRAMS:
-        for args in inputs:
-            trace = trace_call(source, entry, args)
-            if len(trace["frames"]) <= MAX_FRAMES:
-                records.append({"trace": trace})
+    for source, entry, draw in TOY_FUNCTIONS:
+        calls: list[str] = []
+        while len(calls) < CALLS_PER_FUNCTION:
+            call = draw(rng)
+            if call not in calls:
+                calls.append(call)
+        records.append({"id": entry, "source": source, "entry": entry, "calls": calls})
     return records
+
+
+def make_traces(out: Path) -> None:
+    """PROGRAMS traced by the project's tracer (`cwm-data traces` into a JSONL file)."""
+    corpus = [
+        {"id": entry, "source": source, "entry": entry,
+         "calls": [f"{entry}({', '.join(repr(a) for a in args)})" for args in inputs]}
+        for source, entry, inputs in PROGRAMS
+    ]  # fmt: skip
+    with tempfile.TemporaryDirectory() as tmp:
+        src = Path(tmp) / "programs.jsonl"
+        src.write_text("".join(json.dumps(r) + "\n" for r in corpus), encoding="utf-8")
+        limits = TraceLimits(max_frames=MAX_FRAMES, max_repr=MAX_REPR)
+        s = build_traces([str(src)], str(out), limits=limits, overwrite=True)
+    print(f"{out}: {s['records']} traces of {s['jobs']} calls (not written: {s['failed']})")
 
 
 # Modules present on CPython 3.11 and 3.12, in this order.
@@ -603,8 +582,9 @@ def write_jsonl(path: Path, records: list[dict]) -> None:
 
 
 def main(out_dir: Path = HERE) -> None:
-    """Writes tiny_traces.jsonl and tiny_chat.jsonl into `out_dir` (this folder by default)."""
-    write_jsonl(Path(out_dir) / "tiny_traces.jsonl", make_traces())
+    """Writes trace_corpus.jsonl, tiny_traces.jsonl and tiny_chat.jsonl into `out_dir` (this folder by default)."""
+    write_jsonl(Path(out_dir) / "trace_corpus.jsonl", make_trace_corpus())
+    make_traces(Path(out_dir) / "tiny_traces.jsonl")
     write_jsonl(Path(out_dir) / "tiny_chat.jsonl", make_chats())
 
 

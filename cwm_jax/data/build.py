@@ -7,7 +7,6 @@ into a temporary folder beside the output and renamed to it when complete.
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 import time
@@ -23,6 +22,62 @@ from cwm_jax.data.sources import parse_json_record, resolve_files
 SHARD_NAME = "data-{:05d}-of-{:05d}.array_record"
 
 
+class ShardWriter:
+    """Writes records (bytes) into ArrayRecord shards of `records_per_shard` records, in a temporary folder beside
+    `out`. `commit()` names the shards `data-i-of-N` and renames the folder to `out` (replacing it only with
+    `overwrite`); leaving the `with` block without a commit (an error, Ctrl-C) removes the temporary folder, so `out`
+    is either absent, as it was, or complete. Raises DataError if `out` exists without `overwrite`."""
+
+    def __init__(self, out, *, records_per_shard: int = 10000, overwrite: bool = False):
+        if records_per_shard <= 0:
+            raise DataError(f"--records-per-shard must be positive, found {records_per_shard}")
+        self.out = Path(out)
+        if self.out.exists() and not overwrite:
+            raise DataError(f"{out} already exists; pass --overwrite to replace it")
+        self.records_per_shard = records_per_shard
+        self.out.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = self.out.parent / f".{self.out.name}.tmp-{os.getpid()}"
+        shutil.rmtree(self.tmp, ignore_errors=True)
+        self.tmp.mkdir()
+        self.records, self._shards, self._writer = 0, [], None
+
+    def write(self, record: bytes) -> None:
+        from array_record.python.array_record_module import ArrayRecordWriter
+
+        if self._writer is None:
+            self._shards.append(self.tmp / f"shard-{len(self._shards):05d}")
+            self._writer = ArrayRecordWriter(str(self._shards[-1]), "group_size:1")
+        self._writer.write(record)
+        self.records += 1
+        if self.records % self.records_per_shard == 0:
+            self._writer.close()
+            self._writer = None
+
+    def commit(self) -> dict:
+        """Closes the last shard, names the shards, moves the folder to `out`; returns (records, shards, bytes, out).
+        Raises DataError when no record was written (nothing is left at `out`)."""
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+        if not self.records:
+            raise DataError(f"no records to write to {self.out}")
+        for i, shard in enumerate(self._shards):
+            shard.rename(self.tmp / SHARD_NAME.format(i, len(self._shards)))
+        size = sum(f.stat().st_size for f in self.tmp.iterdir())
+        if self.out.exists():
+            shutil.rmtree(self.out)
+        self.tmp.rename(self.out)
+        return dict(records=self.records, shards=len(self._shards), bytes=size, out=str(self.out))
+
+    def __enter__(self) -> ShardWriter:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._writer is not None:
+            self._writer.close()
+        shutil.rmtree(self.tmp, ignore_errors=True)  # after a commit the folder is gone already
+
+
 def build_arrayrecord(
     sources: list[str],
     out: str,
@@ -35,46 +90,19 @@ def build_arrayrecord(
     """Writes every record of `sources` (files, folders or globs; `fmt` "jsonl" or "parquet", None: by file ending)
     as JSON into ArrayRecord shards under `out`. Each record must hold `field`. Returns a summary dict (records,
     shards, bytes, seconds, out)."""
-    from array_record.python.array_record_module import ArrayRecordWriter
-
     start = time.perf_counter()
-    if records_per_shard <= 0:
-        raise DataError(f"--records-per-shard must be positive, found {records_per_shard}")
-    out_path = Path(out)
-    if out_path.exists() and not overwrite:
-        raise DataError(f"{out} already exists; pass --overwrite to replace it")
-    inputs = _input_files(sources, fmt)
-    total = sum(_count(path, kind) for path, kind in inputs)
-    if total == 0:
-        raise DataError(f"no records in {', '.join(sources)}")
-    num_shards = math.ceil(total / records_per_shard)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_path.parent / f".{out_path.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
-        written, shard, writer = 0, 0, None
-        with tqdm(total=total, unit="rec", desc=f"cwm-data build {out_path.name}") as bar:
+    with ShardWriter(out, records_per_shard=records_per_shard, overwrite=overwrite) as writer:
+        inputs = _input_files(sources, fmt)
+        total = sum(_count(path, kind) for path, kind in inputs)
+        if total == 0:
+            raise DataError(f"no records in {', '.join(sources)}")
+        with tqdm(total=total, unit="rec", desc=f"cwm-data build {writer.out.name}") as bar:
             for path, kind in inputs:
                 for record in _records(path, kind, field):
-                    if writer is None:
-                        writer = ArrayRecordWriter(str(tmp / SHARD_NAME.format(shard, num_shards)), "group_size:1")
                     writer.write(record)
-                    written += 1
                     bar.update()
-                    if written % records_per_shard == 0:
-                        writer.close()
-                        writer, shard = None, shard + 1
-        if writer is not None:
-            writer.close()
-        size = sum(f.stat().st_size for f in tmp.iterdir())
-        if out_path.exists():
-            shutil.rmtree(out_path)
-        tmp.rename(out_path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return dict(records=written, shards=num_shards, bytes=size, seconds=time.perf_counter() - start, out=str(out))
+        summary = writer.commit()
+    return dict(summary, seconds=time.perf_counter() - start)
 
 
 def _input_files(sources: list[str], fmt: str | None) -> list[tuple[str, str]]:

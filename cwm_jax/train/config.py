@@ -74,15 +74,16 @@ def default_config() -> ml_collections.ConfigDict:
     return c
 
 
-def load_config_file(path) -> ml_collections.ConfigDict:
-    """The `get_config()` of a run config file, loaded by path (configs/ is a folder of files, not a package)."""
+def load_config_file(path, arg: str | None = None) -> ml_collections.ConfigDict:
+    """The `get_config()` of a run config file, loaded by path (configs/ is a folder of files, not a package);
+    `get_config(arg)` when `arg` is given, as `--config FILE:ARG` does on the command line."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: no such run config file")
     spec = importlib.util.spec_from_file_location(path.stem, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.get_config()
+    return module.get_config() if arg is None else module.get_config(arg)
 
 
 def model_config(cfg) -> CwmConfig:

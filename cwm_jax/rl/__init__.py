@@ -1,0 +1,1 @@
+"""Reinforcement learning: running the untrusted programs that rewards are computed from, isolated."""
