@@ -3,9 +3,16 @@
     cwm-eval trace --checkpoint DIR --tasks FILE [--limit N] [--max-new-tokens 1024] [--temperature 0] [--seed 0]
         [--workers N] [--out RESULTS.jsonl]
 
+    cwm-eval code (--checkpoint DIR | --solutions FILE) --tasks FILE [-n 1] [--k 1 5] [--temperature 1.0]
+        [--top-p 0.95] [--max-new-tokens 2048] [--limit N] [--workers N] [--out RESULTS.jsonl]
+    cwm-eval math (--checkpoint DIR | --solutions FILE) --tasks FILE [-n 1] [--k 1] ... [--out RESULTS.jsonl]
+
 `trace`: the world-model evaluation of `cwm_jax.traces.evaluate`: for each (function, call) task the model predicts
 the execution trace from the real call frame; prints output exact match (CruxEval-O style), next-line accuracy and
-locals accuracy, and with `--out` writes one JSON line per task. Known errors print one line on stderr, exit status 2.
+locals accuracy, and with `--out` writes one JSON line per task. `code` (LiveCodeBench-style stdin/stdout or assert
+tasks, run in the sandbox) and `math` (Math-500-style answers): pass@k with the unbiased estimator over n samples at
+the release's sampling defaults, or over given completions (`--solutions`); `cwm_jax.rl.harness`. Known errors print
+one line on stderr, exit status 2.
 """
 
 from __future__ import annotations
@@ -30,6 +37,10 @@ def build_parser() -> argparse.ArgumentParser:
     trace.add_argument("--seed", type=int, default=0)
     trace.add_argument("--workers", type=int, default=None, help="sandboxes tracing the tasks at a time")
     trace.add_argument("--out", help="write per-task results here (JSONL)")
+    from cwm_jax.rl import harness
+
+    harness.add_code_parser(sub)
+    harness.add_math_parser(sub)
     return parser
 
 
@@ -70,7 +81,9 @@ def _trace(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return {"trace": _trace}[args.command](args)
+    if args.command == "trace":
+        return _trace(args)
+    return args.func(args)
 
 
 if __name__ == "__main__":

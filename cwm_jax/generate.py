@@ -365,8 +365,13 @@ def generate(
     stop_ids=None,
     prefill_chunk: int | None = 512,
     on_token=None,
+    samples_per_prompt: int = 1,
 ) -> list[list[int]]:
     """New tokens for each prompt (a list of token ids), ending with the stop id that stopped it, if any.
+
+    `samples_per_prompt` G > 1 returns G sequences per prompt (prompt-major: prompt p's samples at p * G ... p * G +
+    G - 1): each prompt is prefilled once and its KV cache and first logits repeated G times for the decode, which
+    samples each row with its own random stream (GRPO's groups).
 
     temperature 0 is greedy; otherwise sampling with optional top_k / top_p, reproducible for a given `seed`.
     `stop_ids` (default: the config's eos ids) end a sequence inside the decode loop. Prompts longer than
@@ -377,6 +382,8 @@ def generate(
         raise ValueError("generate needs at least one prompt and every prompt needs at least one token")
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if samples_per_prompt < 1:
+        raise ValueError(f"samples_per_prompt must be >= 1, got {samples_per_prompt}")
     lengths = np.array([len(p) for p in prompts], np.int32)
     T = int(lengths.max())
     if T + max_new_tokens > model.config.max_position_embeddings:
@@ -389,6 +396,9 @@ def generate(
         tokens[b, : len(p)] = p
     cache = init_cache(model.config, len(prompts), T + max_new_tokens)
     logits_BV, cache = prefill(model, jnp.asarray(tokens), jnp.asarray(lengths), cache, chunk=prefill_chunk)
+    if samples_per_prompt > 1:
+        logits_BV, cache = _repeat_rows(logits_BV, cache, samples_per_prompt)
+        lengths = np.repeat(lengths, samples_per_prompt)
     with _stream_lock if on_token is not None else contextlib.nullcontext():
         if on_token is not None:
             # done_B is as it was before this step: a sequence that stopped earlier gets no more tokens.
@@ -407,4 +417,15 @@ def generate(
             stream=on_token is not None,
         )
         out_BN, count_B = np.asarray(out_BN), np.asarray(count_B)  # blocks until the loop and its callbacks finish
-    return [out_BN[b, : count_B[b]].tolist() for b in range(len(prompts))]
+    return [out_BN[b, : count_B[b]].tolist() for b in range(len(lengths))]
+
+
+@functools.partial(jax.jit, static_argnums=2)
+def _repeat_rows(logits_BV, cache: KVCache, G: int):
+    """Every row of the prefill's logits and cache G times in a row (batch axis 1 of the stacked K/V, 0 of the ring
+    positions)."""
+    cache = KVCache(
+        *(jnp.repeat(x, G, axis=1) for x in (cache.k_global, cache.v_global, cache.k_local, cache.v_local)),
+        local_pos=jnp.repeat(cache.local_pos, G, axis=0),
+    )
+    return jnp.repeat(logits_BV, G, axis=0), constrain_cache(cache)

@@ -214,7 +214,13 @@ def test_tiny_chats_are_reasoning_chats():
 @pytest.mark.skipif(sys.version_info[:2] != (3, 11), reason="the committed data was written with CPython 3.11")
 def test_tiny_data_is_what_the_script_writes(tmp_path):
     _load(DATA / "make_tiny_data.py").main(tmp_path)
-    for name in ("trace_corpus.jsonl", "tiny_traces.jsonl", "tiny_chat.jsonl"):
+    for name in (
+        "trace_corpus.jsonl",
+        "tiny_rl_tasks.jsonl",
+        "tiny_rl_warmstart.jsonl",
+        "tiny_traces.jsonl",
+        "tiny_chat.jsonl",
+    ):
         assert (tmp_path / name).read_bytes() == (DATA / name).read_bytes(), (
             f"configs/data/{name} is stale: run python configs/data/make_tiny_data.py"
         )

@@ -183,6 +183,18 @@ def test_sampling_seeded_and_top_k_one_is_greedy(hf_pair):
     assert gen.generate(model, prompts, 12, temperature=1.0, top_p=1e-6, seed=7) == greedy
 
 
+def test_samples_per_prompt_share_the_prefill(hf_pair):
+    """G samples per prompt from one prefill equal generating each prompt G times (rows in the same order)."""
+    model, _ = hf_pair
+    prompts = _random_seqs(model.config.vocab_size, LENGTHS, seed=6)
+    repeated = [p for p in prompts for _ in range(3)]
+    for kw in (dict(), dict(temperature=1.0, seed=3)):
+        shared = gen.generate(model, prompts, 10, samples_per_prompt=3, **kw)
+        assert shared == gen.generate(model, repeated, 10, **kw)
+    sampled = gen.generate(model, prompts, 10, samples_per_prompt=3, temperature=1.0, seed=3)
+    assert len({tuple(s) for s in sampled[:3]}) > 1  # the G samples of a prompt draw their own tokens
+
+
 def test_sample_filters():
     logits = jnp.asarray([[0.0, 3.0, 2.0, 1.0, -1.0]] * 2000)
     key = jax.random.key(0)

@@ -103,7 +103,7 @@ def test_loss_equals_full_logits_loss_of_the_model():
     trainer = Trainer(cfg, run_config.model_config(cfg), mesh_of())
     state = trainer.init_state()
     batch = packed_batch()
-    loss, nll, z, _ = jax.jit(trainer.loss_and_grads)(state["params"], batch)
+    loss, _, _ = jax.jit(trainer.loss_and_grads)(state["params"], batch)
     model = trainer.model(state["params"])
     logits = np.asarray(model(batch["inputs"], batch["positions"], batch["segment_ids"]), np.float64)
     lse = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) + logits.max(-1)
@@ -173,7 +173,7 @@ def test_gradient_accumulation_equals_one_big_batch():
         params = trainer.init_state()["params"]
         with jax.set_mesh(trainer.mesh):
             results.append(jax.jit(trainer.loss_and_grads)(params, trainer.global_batch(batch)))
-    (loss1, _, _, g1), (loss4, _, _, g4) = results
+    (loss1, _, g1), (loss4, _, g4) = results
     np.testing.assert_allclose(float(loss4), float(loss1), rtol=1e-6)
     for a, b in zip(jax.tree.leaves(g4), jax.tree.leaves(g1), strict=True):
         scale = float(np.abs(b).max())

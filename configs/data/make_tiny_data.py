@@ -9,6 +9,9 @@
   cwm_jax/data/formats.py): the small programs below traced by the project's tracer in sandboxes
   (`cwm_jax.traces.corpus.build_traces`, as `cwm-data traces` does), traces over 60 frames dropped, reprs cut to 80
   characters, for configs/tiny_midtrain.py.
+- tiny_rl_tasks.jsonl and tiny_rl_warmstart.jsonl: configs/tiny_rl.py's GRPO tasks ("a+b=" with a, b in 0..4, the
+  sum as an exact-match answer) and its warm-start chats (the same prompts, a third answered with the sum and the rest
+  with a random digit 0..8: the answer format, and a policy right about a third of the time for GRPO to improve).
 - tiny_chat.jsonl: `{"messages": [...]}` records (format "chat"): a reasoning-mode system prompt, a question about a
   standard library function or class, and an answer that quotes the first paragraph of its docstring inside the
   reasoning format, for configs/tiny_sft.py and the chat part of the mid-training mixture.
@@ -501,6 +504,30 @@ def make_trace_corpus() -> list[dict]:
     return records
 
 
+RL_OPERANDS = range(5)
+RL_WARMSTART_CHATS = 400
+
+
+def make_rl_data() -> tuple[list[dict], list[dict]]:
+    """(GRPO tasks, warm-start chats) for configs/tiny_rl.py."""
+    tasks = [
+        {"task_id": f"add-{a}-{b}", "prompt": f"{a}+{b}=", "kind": "exact", "answer": str(a + b)}
+        for a in RL_OPERANDS
+        for b in RL_OPERANDS
+    ]
+    rng = random.Random(1)
+    chats = []
+    for _ in range(RL_WARMSTART_CHATS):
+        task = rng.choice(tasks)
+        # A third of the replies right, the rest a random digit: the warm start teaches the format and leaves the
+        # model far from the answers (about 40% right when sampled); only rewards can take it further.
+        reply = task["answer"] if rng.random() < 1 / 3 else str(rng.randint(0, 2 * (len(RL_OPERANDS) - 1)))
+        chats.append(
+            {"messages": [{"role": "user", "content": task["prompt"]}, {"role": "assistant", "content": reply}]}
+        )
+    return tasks, chats
+
+
 def make_traces(out: Path) -> None:
     """PROGRAMS traced by the project's tracer (`cwm-data traces` into a JSONL file)."""
     corpus = [
@@ -582,8 +609,11 @@ def write_jsonl(path: Path, records: list[dict]) -> None:
 
 
 def main(out_dir: Path = HERE) -> None:
-    """Writes trace_corpus.jsonl, tiny_traces.jsonl and tiny_chat.jsonl into `out_dir` (this folder by default)."""
+    """Writes the files of the module docstring into `out_dir` (this folder by default)."""
     write_jsonl(Path(out_dir) / "trace_corpus.jsonl", make_trace_corpus())
+    tasks, chats = make_rl_data()
+    write_jsonl(Path(out_dir) / "tiny_rl_tasks.jsonl", tasks)
+    write_jsonl(Path(out_dir) / "tiny_rl_warmstart.jsonl", chats)
     make_traces(Path(out_dir) / "tiny_traces.jsonl")
     write_jsonl(Path(out_dir) / "tiny_chat.jsonl", make_chats())
 

@@ -175,8 +175,13 @@ def _initial_params(cfg, trainer: Trainer):
 def train(cfg, workdir, *, max_steps: int | None = None) -> dict:
     """Run (or resume) the training described by run config `cfg` in `workdir`; returns the final state.
 
-    `max_steps` stops after that many steps of this invocation (tests use it to interrupt a run).
+    `max_steps` stops after that many steps of this invocation (tests use it to interrupt a run). A config with an
+    `rl` block runs GRPO (`cwm_jax.rl.grpo.train_grpo`) instead of supervised training.
     """
+    if "rl" in cfg:
+        from cwm_jax.rl.grpo import train_grpo
+
+        return train_grpo(cfg, workdir, max_steps=max_steps)
     workdir = epath.Path(workdir)  # a local folder or gs://... (Orbax and etils write both)
     if "://" not in str(workdir):
         workdir = workdir.absolute()  # Orbax wants absolute paths

@@ -41,23 +41,34 @@ def param_axes(config: CwmConfig) -> dict:
     }
 
 
-def chunked_cross_entropy(h_BTD, w_DV, targets_BT, mask_BT, chunk: int):
-    """(sum of masked token NLL, sum of masked logsumexp^2) from final hidden states, [B, c, V] logits at a time.
+def strided_chunks(chunk: int, *xs):
+    """[B, T, ...] arrays split into n chunks of c positions along T, as [n, B, c, ...] (T padded with zeros to n * c).
 
     Chunk j holds positions j, j + n, j + 2n, ... (n chunks): a strided split keeps each chunk spread over the
-    `sequence` shards, so no shard idles and nothing is gathered along T. The sums do not depend on the split.
+    `sequence` shards, so no shard idles and nothing is gathered along T. `unstrided` puts [n, B, c] back.
     """
-    B, T, D = h_BTD.shape
+    T = xs[0].shape[1]
     n = -(-T // min(chunk, T))
     pad = (-T) % n
-    if pad:
-        h_BTD = jnp.pad(h_BTD, ((0, 0), (0, pad), (0, 0)))
-        targets_BT = jnp.pad(targets_BT, ((0, 0), (0, pad)))
-        mask_BT = jnp.pad(mask_BT, ((0, 0), (0, pad)))
-    c = (T + pad) // n
-    h_nBcD = jnp.moveaxis(h_BTD.reshape(B, c, n, D), 2, 0)
-    t_nBc = jnp.moveaxis(targets_BT.reshape(B, c, n), 2, 0)
-    m_nBc = jnp.moveaxis(mask_BT.astype(jnp.float32).reshape(B, c, n), 2, 0)
+    out = []
+    for x in xs:
+        if pad:
+            x = jnp.pad(x, ((0, 0), (0, pad)) + ((0, 0),) * (x.ndim - 2))
+        out.append(jnp.moveaxis(x.reshape(x.shape[0], (T + pad) // n, n, *x.shape[2:]), 2, 0))
+    return out
+
+
+def unstrided(x_nBc, T: int):
+    """[B, T] from the [n, B, c] of `strided_chunks` (the padding dropped)."""
+    n, B, c = x_nBc.shape
+    return jnp.moveaxis(x_nBc, 0, 2).reshape(B, n * c)[:, :T]
+
+
+def chunked_cross_entropy(h_BTD, w_DV, targets_BT, mask_BT, chunk: int):
+    """(sum of masked token NLL, sum of masked logsumexp^2) from final hidden states, [B, c, V] logits at a time
+    (`strided_chunks`; the sums do not depend on the split)."""
+    B, T, D = h_BTD.shape
+    h_nBcD, t_nBc, m_nBc = strided_chunks(chunk, h_BTD, targets_BT, mask_BT.astype(jnp.float32))
     w_DV = w_DV.astype(h_BTD.dtype)
 
     @jax.checkpoint
@@ -86,6 +97,9 @@ class Trainer:
     cfg: object  # the run config (ConfigDict)
     model_config: CwmConfig
     mesh: jax.sharding.Mesh
+    # The [B, T] arrays of a batch and which of them are float32 (a subclass adds its own, e.g. GRPO's advantages).
+    batch_keys = BATCH_KEYS
+    float_keys = ("loss_mask",)
 
     def __post_init__(self):
         cfg = self.cfg
@@ -120,7 +134,7 @@ class Trainer:
         indices = self.batch_sharding.addressable_devices_indices_map(self.batch_shape).values()
         self._local_rows = sorted({r for index in indices for r in range(*index[0].indices(B))})
         self._row_position = {r: i for i, r in enumerate(self._local_rows)}
-        batch_shardings = {k: self.batch_sharding for k in BATCH_KEYS}
+        batch_shardings = {k: self.batch_sharding for k in self.batch_keys}
         self._step = jax.jit(
             self._train_step,
             in_shardings=(self.state_shardings, batch_shardings),
@@ -156,9 +170,9 @@ class Trainer:
         B, T = self.batch_shape
         return {
             k: jax.ShapeDtypeStruct(
-                (B, T), jnp.float32 if k == "loss_mask" else jnp.int32, sharding=self.batch_sharding
+                (B, T), jnp.float32 if k in self.float_keys else jnp.int32, sharding=self.batch_sharding
             )
-            for k in BATCH_KEYS
+            for k in self.batch_keys
         }
 
     # --- state ---
@@ -203,7 +217,7 @@ class Trainer:
 
             return jax.make_array_from_callback((B, T), self.batch_sharding, shard)
 
-        return {k: build(local[k]) for k in BATCH_KEYS}
+        return {k: build(local[k]) for k in self.batch_keys}
 
     # --- steps ---
 
@@ -232,12 +246,13 @@ class Trainer:
         )
 
     def _loss(self, params, batch, total):
+        """(loss of the batch's share of the optimizer batch, sums to report divided by `total`)."""
         nll, z = self._sums(params, batch)
         loss = (nll + float(self.cfg.loss.z_loss) * z) / total
-        return loss, (nll, z)
+        return loss, dict(nll=nll, z_loss=z)
 
     def loss_and_grads(self, params, batch):
-        """(loss, nll sum, z sum, gradients) of a whole optimizer batch, accumulated over the run's microbatches.
+        """(loss, summed metrics, gradients) of a whole optimizer batch, accumulated over the run's microbatches.
 
         The loss is normalised by the loss tokens of the whole batch, so any number of microbatches gives the same
         gradient (up to float rounding).
@@ -246,8 +261,8 @@ class Trainer:
         total = _loss_tokens(batch)
         grad_fn = jax.value_and_grad(self._loss, has_aux=True)
         if M == 1:
-            (loss, (nll, z)), grads = grad_fn(params, batch, total)
-            return loss, nll, z, grads
+            (loss, sums), grads = grad_fn(params, batch, total)
+            return loss, sums, grads
 
         def split(x_BT):
             # Microbatch m takes rows m, m + M, ...: every data shard contributes to every microbatch.
@@ -256,19 +271,21 @@ class Trainer:
             return sharding.constrain(x_MbT, (None, *BATCH_AXES))
 
         def micro(carry, mb):
-            g_acc, loss_acc, nll_acc, z_acc = carry
-            (loss, (nll, z)), g = grad_fn(params, mb, total)
-            return (jax.tree.map(jnp.add, g_acc, g), loss_acc + loss, nll_acc + nll, z_acc + z), None
+            g_acc, loss_acc, sums_acc = carry
+            (loss, sums), g = grad_fn(params, mb, total)
+            return (jax.tree.map(jnp.add, g_acc, g), loss_acc + loss, jax.tree.map(jnp.add, sums_acc, sums)), None
 
         zero = jnp.zeros((), jnp.float32)
-        init = (jax.tree.map(jnp.zeros_like, params), zero, zero, zero)
-        (grads, loss, nll, z), _ = jax.lax.scan(micro, init, jax.tree.map(split, batch))
-        return loss, nll, z, grads
+        first = jax.tree.map(lambda x: x[0], jax.tree.map(split, batch))
+        sums0 = jax.tree.map(jnp.zeros_like, jax.eval_shape(lambda: self._loss(params, first, total)[1]))
+        init = (jax.tree.map(jnp.zeros_like, params), zero, sums0)
+        (grads, loss, sums), _ = jax.lax.scan(micro, init, jax.tree.map(split, batch))
+        return loss, sums, grads
 
     def _train_step(self, state, batch):
         params = state["params"]
         total = _loss_tokens(batch)
-        loss, nll, z, grads = self.loss_and_grads(params, batch)
+        loss, sums, grads = self.loss_and_grads(params, batch)
         grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         updates, opt_state = self.optimizer.update(grads, state["opt_state"], params)
@@ -285,8 +302,7 @@ class Trainer:
         )
         metrics = dict(
             loss=loss,
-            nll=nll / total,
-            z_loss=z / total,
+            **{k: v / total for k, v in sums.items()},
             grad_norm=grad_norm,
             lr=self.schedule(state["step"]),
             tokens=total,
