@@ -126,6 +126,28 @@ class Generator:
         text = self._generate_text(ids, max_new_tokens, temperature, top_p, top_k, seed, stop)
         return parse_reply(text, reasoning=reasoning)
 
+    def sample_chat(
+        self,
+        messages: Sequence[Message | Mapping[str, Any]],
+        n: int,
+        *,
+        reasoning: bool = False,
+        max_new_tokens: int = 256,
+        temperature: float = TEMPERATURE,
+        top_p: float | None = TOP_P,
+        top_k: int | None = None,
+        seed: int = 0,
+    ) -> list[str]:
+        """n sampled replies to `messages` as raw text (what follows the prompt, which in reasoning mode ends with
+        "<think>\\n"; each text ends before its stop token), from one prefill of the prompt shared by the n samples
+        (`generate(..., samples_per_prompt=n)`): what pass@k and GRPO sample."""
+        if n < 1:
+            raise GeneratorError(f"n must be at least 1, got {n}")
+        ids = self._encode(render_chat(messages, reasoning=reasoning), "a chat prompt")
+        out = self._generate_many(ids, n, max_new_tokens, temperature, top_p, top_k, seed)
+        ends = [next((i for i, t in enumerate(new) if t in self._stop_ids), len(new)) for new in out]
+        return [self.tokenizer.decode(new[:end]) for new, end in zip(out, ends, strict=True)]
+
     def predict_trace(
         self,
         source: str,
@@ -216,6 +238,10 @@ class Generator:
 
     def _generate_ids(self, ids, max_new_tokens, temperature, top_p, top_k, seed, on_text=None, extra_stops=()):
         """The new token ids (up to and including the stop token that ended generation, if any)."""
+        return self._generate_many(ids, 1, max_new_tokens, temperature, top_p, top_k, seed, on_text, extra_stops)[0]
+
+    def _generate_many(self, ids, n, max_new_tokens, temperature, top_p, top_k, seed, on_text=None, extra_stops=()):
+        """n samples' new token ids from one prefill of `ids` (see `_generate_ids`)."""
         limit = self.model.config.max_position_embeddings
         if max_new_tokens < 1:
             raise GeneratorError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
@@ -232,7 +258,7 @@ class Generator:
                 f"max_new_tokens to at most {limit - len(ids)}"
             )
         streamer = self._streamer(on_text) if on_text is not None else None
-        (new,) = generate(
+        new = generate(
             self.model,
             [ids],
             max_new_tokens,
@@ -242,6 +268,7 @@ class Generator:
             seed=seed,
             stop_ids=self._stop_ids | frozenset(extra_stops),
             on_token=streamer[0] if streamer else None,
+            samples_per_prompt=n,
         )
         if streamer:
             streamer[1]()

@@ -102,6 +102,19 @@ def test_complete_sampling_is_seeded(setup):
     assert a != gen.complete(PROMPT, max_new_tokens=NEW, temperature=0)
 
 
+def test_sample_chat_is_n_samples_of_one_prefill(setup):
+    """n samples from one shared prefill: the raw texts equal generating the same prompt n times in one batch."""
+    from cwm_jax.chat import encode_segments, render_chat
+
+    gen, messages = setup["gen"], [{"role": "user", "content": "hi"}]
+    texts = gen.sample_chat(messages, 3, reasoning=True, max_new_tokens=NEW, temperature=1.0, seed=2)
+    ids = encode_segments(render_chat(messages, reasoning=True), gen.tokenizer)
+    stop = set(gen.tokenizer.stop_ids) | set(gen.model.config.eos_token_ids)
+    outs = generate(setup["model"], [ids] * 3, NEW, temperature=1.0, top_p=0.95, seed=2, stop_ids=stop)
+    want = [gen.tokenizer.decode(o[: next((i for i, t in enumerate(o) if t in stop), len(o))]) for o in outs]
+    assert texts == want and len(set(texts)) > 1
+
+
 def test_stop_strings_truncate(setup):
     gen = setup["gen"]
     full = gen.complete(PROMPT, max_new_tokens=NEW, temperature=0)

@@ -9,7 +9,6 @@ import re
 
 import pytest
 
-from cwm_jax.chat import Reply
 from cwm_jax.rl import harness, sandbox
 from cwm_jax.rl.harness import pass_at_k
 
@@ -240,21 +239,22 @@ def test_sampling_defaults_are_the_releases():
     )
 
 
-def test_sample_completions_seeds_and_text():
+def test_sample_completions_share_one_prefill():
     class Scripted:
         def __init__(self):
             self.calls = []
 
-        def chat(self, messages, **kwargs):
-            self.calls.append(kwargs)
-            seed = kwargs["seed"]
-            return [Reply("think", "\\boxed{1}", ()), Reply("cut", "", ()), Reply(None, "plain", ())][seed - 7]
+        def sample_chat(self, messages, n, **kwargs):
+            self.calls.append((messages, n, kwargs))
+            return [f"text {i}" for i in range(n)]
 
     gen = Scripted()
     texts = harness.sample_completions(gen, [{"role": "user", "content": "q"}], 3, seed=7, max_new_tokens=5)
-    assert texts == ["think\n</think>\n\\boxed{1}", "cut", "plain"]
-    assert [c["seed"] for c in gen.calls] == [7, 8, 9]
-    assert gen.calls[0] == dict(reasoning=True, max_new_tokens=5, temperature=1.0, top_p=0.95, seed=7)
+    assert texts == ["text 0", "text 1", "text 2"]
+    assert gen.calls == [
+        ([{"role": "user", "content": "q"}], 3, dict(reasoning=True, max_new_tokens=5, temperature=1.0, top_p=0.95,
+                                                    seed=7))
+    ]  # fmt: skip
 
 
 # --- pass@k -----------------------------------------------------------------------------------------------------------

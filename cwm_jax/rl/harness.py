@@ -35,7 +35,6 @@ from typing import Any
 
 from tqdm import tqdm
 
-from cwm_jax.chat import THINK_END
 from cwm_jax.rl import rewards, sandbox
 
 __all__ = [
@@ -222,30 +221,14 @@ def sample_completions(
     max_new_tokens: int = MAX_NEW_TOKENS,
     seed: int = 0,
 ) -> list[str]:
-    """n reasoning-mode completions of `messages` from `generator` (a cwm_jax.generator.Generator), sample i with
-    seed + i, one `generator.chat` call each.
-
-    Returns the completion texts, rebuilt from the parsed Reply as reasoning + "\\n</think>\\n" + answer; a completion
-    with an empty answer (cut inside its reasoning, or ending at "</think>") is its reasoning alone, which grades the
-    same (no answer).
+    """n reasoning-mode completions of `messages` from `generator` (a cwm_jax.generator.Generator): the raw texts that
+    follow the prompt's "<think>\\n", sampled together from one shared prefill of the prompt (`Generator.sample_chat`).
     """
     if n < 1:
         raise HarnessError(f"the number of samples must be at least 1, got {n}")
-    texts = []
-    for i in range(n):
-        reply = generator.chat(
-            messages,
-            reasoning=True,
-            max_new_tokens=max_new_tokens,
-            temperature=temperature,
-            top_p=top_p,
-            seed=seed + i,
-        )
-        if reply.reasoning is None:
-            texts.append(reply.answer)
-        else:
-            texts.append(reply.reasoning + THINK_END + reply.answer if reply.answer else reply.reasoning)
-    return texts
+    return generator.sample_chat(
+        messages, n, reasoning=True, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed
+    )
 
 
 # --- scoring ----------------------------------------------------------------------------------------------------------
