@@ -71,12 +71,7 @@ def test_token_logprobs_match_log_softmax():
 
 def _config(**overrides):
     cfg = load_config_file(CONFIG)
-    for key, value in overrides.items():
-        node = cfg
-        *path, last = key.split(".")
-        for p in path:
-            node = node[p]
-        node[last] = value
+    cfg.update_from_flattened_dict(overrides)  # dotted keys, as --config.a.b=v
     return cfg
 
 

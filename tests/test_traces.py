@@ -11,7 +11,7 @@ import pytest
 
 from cwm_jax.chat import Frame
 from cwm_jax.data.cli import main as data_main
-from cwm_jax.traces import chat_frames, debugger, evaluate, run
+from cwm_jax.traces import chat_frames, debugger, evaluate, frame_dicts, run
 
 SOURCE = """\
 def double(v):
@@ -123,10 +123,6 @@ def test_find_entry():
         debugger.find_entry(SOURCE.replace("    z = y + 1", "    z = y + 1  # << START_OF_TRACE"))
 
 
-def _dicts(frames):
-    return [dict(event=f.event, locals=f.locals, line=f.source_line, value=f.value) for f in frames]
-
-
 def test_scores_by_hand(real):
     frames = real["frames"]
     perfect = evaluate.score(frames, frames)
@@ -144,7 +140,7 @@ def test_scores_by_hand(real):
 
 
 def test_entry_result_of_an_exception():
-    frames = _dicts(
+    frames = frame_dicts(
         [
             Frame("call", {"x": "0"}, "def g(x):"),
             Frame("line", {"x": ".."}, "    return 1 / x"),

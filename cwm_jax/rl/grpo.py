@@ -251,7 +251,7 @@ def _warmstart(cfg, model_config, mesh, params):
 
 def train_grpo(cfg, workdir, *, max_steps: int | None = None) -> dict:
     """Run (or resume) GRPO as `cfg.rl` describes, in `workdir`; returns the final state with its "history"."""
-    from cwm_jax.train.loop import TrainingError, _initial_params, _Metrics
+    from cwm_jax.train.loop import TrainingError, _initial_params, _Metrics, append_history
 
     workdir = epath.Path(workdir)
     if "://" not in str(workdir):
@@ -352,9 +352,7 @@ def train_grpo(cfg, workdir, *, max_steps: int | None = None) -> dict:
     manager.wait_until_finished()
     manager.close()
     metrics_out.close()
-    if jax.process_index() == 0:
-        with (workdir / "metrics.jsonl").open("a") as f:
-            f.write("".join(json.dumps(h) + "\n" for h in history))
+    append_history(workdir, history)
     state = run["state"]
     state["history"] = history
     return state

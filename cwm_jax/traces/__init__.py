@@ -6,7 +6,8 @@ debugging.
 - `run` runs the tracer inside the sandbox, `corpus` builds trace data sets (cwm-data), `evaluate` scores predicted
   traces (cwm-eval trace) and `debugger` is the neural debugger (cwm-debug); each is imported on its own.
 
-`chat_frames` turns the tracer's result frames into `cwm_jax.chat.Frame`s for `chat.render_trace`.
+`chat_frames` turns the tracer's result frames into `cwm_jax.chat.Frame`s for `chat.render_trace`; `frame_dicts`
+turns Frames (e.g. a model's predicted ones) back into the tracer's dicts, for `resolve_locals` and scoring.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from __future__ import annotations
 from cwm_jax import chat
 from cwm_jax.traces.tracer import resolve_locals, trace_call, trace_program
 
-__all__ = ["chat_frames", "resolve_locals", "trace_call", "trace_program"]
+__all__ = ["chat_frames", "frame_dicts", "resolve_locals", "trace_call", "trace_program"]
 
 
 def chat_frames(frames: list[dict]) -> list[chat.Frame]:
@@ -28,3 +29,8 @@ def chat_frames(frames: list[dict]) -> list[chat.Frame]:
         has_locals = f["event"] in ("call", "line")
         out.append(chat.Frame(f["event"], f.get("locals") if has_locals else None, f["line"], f.get("value")))
     return out
+
+
+def frame_dicts(frames) -> list[dict]:
+    """chat.Frame objects as the tracer's frame dicts ({"event", "locals", "line", "value"}), `chat_frames` inverse."""
+    return [dict(event=f.event, locals=f.locals, line=f.source_line, value=f.value) for f in frames]

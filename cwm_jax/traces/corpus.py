@@ -124,9 +124,8 @@ def build_traces(
     as_jsonl = out_path.suffix == ".jsonl"
     if out_path.exists() and not overwrite:
         raise DataError(f"{out} already exists; pass --overwrite to replace it")
-    specs = [run.job(j["source"], j["entry"], call=j.get("call"), stdin=j.get("stdin"), limits=limits) for j in jobs]
     failed, reasons, frames, written = collections.Counter(), {}, 0, 0
-    results = run.trace_many(specs, limits=limits, workers=workers)
+    results = run.trace_jobs(jobs, limits=limits, workers=workers)
     bar = tqdm(total=len(jobs), unit="trace", desc=f"cwm-data traces {out_path.name}")
     with bar, _writer(out_path, as_jsonl, records_per_shard, overwrite) as write:
         for job, result in zip(jobs, results, strict=True):

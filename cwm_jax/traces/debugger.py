@@ -22,7 +22,7 @@ import ast
 import sys
 
 from cwm_jax.chat import TRACE_MARKER, Frame
-from cwm_jax.traces import chat_frames, run
+from cwm_jax.traces import chat_frames, frame_dicts, run
 from cwm_jax.traces.tracer import resolve_locals
 
 MAX_FRAME_TOKENS = 1024  # one frame's tokens at most (a frame with big locals); the context left caps it too
@@ -39,10 +39,6 @@ q, quit      leave"""
 
 class DebugError(ValueError):
     """A source the debugger cannot use (no entry, syntax error)."""
-
-
-def _as_dict(f: Frame) -> dict:
-    return dict(event=f.event, locals=f.locals, line=f.source_line, value=f.value)
 
 
 class NeuralDebugger:
@@ -114,7 +110,7 @@ class NeuralDebugger:
 
     def locals(self) -> dict[str, str]:
         """The current frame's locals with ".." resolved (for a return / exception frame: the frame before it)."""
-        resolved = resolve_locals([_as_dict(f) for f in self.frames])
+        resolved = resolve_locals(frame_dicts(self.frames))
         return dict(resolved[-1] or {})
 
     def real_frame(self) -> Frame | None:

@@ -21,10 +21,9 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from cwm_jax.chat import Frame
 from cwm_jax.data.config import DataError
 from cwm_jax.data.sources import parse_json_record
-from cwm_jax.traces import chat_frames, run
+from cwm_jax.traces import chat_frames, frame_dicts, run
 from cwm_jax.traces.corpus import record_jobs
 from cwm_jax.traces.tracer import resolve_locals
 
@@ -54,19 +53,13 @@ def load_tasks(path, *, limits: run.TraceLimits | None = None, workers: int | No
                 )  # fmt: skip
             else:
                 to_run += record_jobs(record, where, default_id)
-    limits = limits or run.TraceLimits()
-    specs = [run.job(j["source"], j["entry"], call=j.get("call"), stdin=j.get("stdin"), limits=limits) for j in to_run]
     skipped: dict[str, int] = {}
-    for job, result in zip(to_run, run.trace_many(specs, limits=limits, workers=workers), strict=True):
+    for job, result in zip(to_run, run.trace_jobs(to_run, limits=limits, workers=workers), strict=True):
         if result["status"] in run.COMPLETE and result.get("complete") and result["frames"]:
             tasks.append(dict(job, **{k: result[k] for k in ("frames", "output", "exception", "status")}))
         else:
             skipped[result["status"]] = skipped.get(result["status"], 0) + 1
     return tasks, skipped
-
-
-def _frame_dicts(frames: Sequence[Frame]) -> list[dict]:
-    return [dict(event=f.event, locals=f.locals, line=f.source_line, value=f.value) for f in frames]
 
 
 def entry_result(frames: Sequence[dict]) -> tuple[str | None, str | None]:
@@ -124,7 +117,7 @@ def evaluate(
         predicted, closed = generator.predict_frames(
             task["source"], task["entry"], first, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed + i
         )
-        pred = _frame_dicts(first) + _frame_dicts(predicted)
+        pred = frame_dicts(first + predicted)
         s = score(real, pred, raised=task.get("status") == "exception")
         result = dict(
             id=task["id"], entry=task["entry"], call=task.get("call"), real_output=entry_result(real)[0],

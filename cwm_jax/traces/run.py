@@ -110,6 +110,13 @@ def trace_many(specs: Iterable[Mapping], *, limits=TraceLimits(), workers: int |
             yield _result(spec, res)
 
 
+def trace_jobs(jobs: Iterable[Mapping], *, limits: TraceLimits | None = None, workers: int | None = None):
+    """`trace_many` of corpus jobs ({"source", "entry", and "call" or "stdin"}, as `corpus.record_jobs` makes them)."""
+    limits = limits or TraceLimits()
+    specs = [job(j["source"], j["entry"], call=j.get("call"), stdin=j.get("stdin"), limits=limits) for j in jobs]
+    return trace_many(specs, limits=limits, workers=workers)
+
+
 def trace(source: str, entry: str, *, call: str | None = None, stdin: str | None = None, limits=TraceLimits()) -> dict:
     """One trace (see `job` and `trace_many`): the tracer's result dict (status, complete, frames, output, ...)."""
     spec = job(source, entry, call=call, stdin=stdin, limits=limits)

@@ -274,14 +274,19 @@ def train(cfg, workdir, *, max_steps: int | None = None) -> dict:
     manager.wait_until_finished()
     manager.close()
     metrics_out.close()
-    if jax.process_index() == 0:
-        with (workdir / "metrics.jsonl").open("a") as f:
-            f.write("".join(json.dumps(h) + "\n" for h in history))
+    append_history(workdir, history)
     if int(state["step"]) == cfg.steps and cfg.sample.max_new_tokens > 0:
         text = sample(trainer, state["params"], tokenizer, cfg.sample.prompt, cfg.sample.max_new_tokens)
         log.info("sample at step %d (temperature 0.8):\n%s", cfg.steps, text)
     state["history"] = history
     return state
+
+
+def append_history(workdir: epath.Path, history: list[dict]) -> None:
+    """Append a run's logged steps to `WORKDIR/metrics.jsonl` (process 0 only)."""
+    if jax.process_index() == 0:
+        with (workdir / "metrics.jsonl").open("a") as f:
+            f.write("".join(json.dumps(h) + "\n" for h in history))
 
 
 def _evaluate(cfg, trainer: Trainer, tokenizer, params, step: int, metrics_out: _Metrics) -> float:
