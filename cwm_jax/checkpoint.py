@@ -15,12 +15,15 @@ plain Orbax (`ocp.load`, with partial loads for `iter_leaves`).
 
 from __future__ import annotations
 
+import collections
 import ctypes
 import dataclasses
 import functools
 import json
 import logging
 import secrets
+import threading
+import weakref
 from collections.abc import Callable, Iterable, Iterator
 
 import jax
@@ -99,6 +102,7 @@ def save_streaming(
     on_leaf: Callable[[Path, int], None] | None = None,
     batch_bytes: int = BATCH_BYTES,
     quant_config: QuantConfig | None = None,
+    compression: bool = True,
 ) -> None:
     """Write a converted checkpoint to `dst` from `(canonical path, array)` pairs, consumed lazily.
 
@@ -106,7 +110,8 @@ def save_streaming(
     (float leaves in `config.param_dtype`, written as "dtype" in config.json; a quantized checkpoint also gets
     `quantization.json`). At most about `batch_bytes` of leaves (or one larger
     leaf) are held before they go to Orbax; `on_leaf(path, nbytes)` runs for each leaf once Orbax has written it.
-    `files` are copied into `dst` under their own names. Call from one process.
+    `files` are copied into `dst` under their own names. `compression`: zstd on every chunk (Orbax's default; about
+    20% smaller for bf16 weights, and about half the write speed on a 2-core host). Call from one process.
 
     The result appears only when complete: a local `dst` is built in a hidden sibling folder and renamed into place;
     on any error (KeyboardInterrupt included) that folder is removed and `dst` is untouched. An existing `dst`
@@ -126,7 +131,7 @@ def save_streaming(
             raise ValueError(f"{f}: its name {f.name!r} clashes with another file of the checkpoint")
 
     def write(work: epath.Path) -> None:
-        _write_params(work / PARAMS_DIR, config, leaves, on_leaf, batch_bytes, quant_config)
+        _write_params(work / PARAMS_DIR, config, leaves, on_leaf, batch_bytes, quant_config, compression)
         for f in files:
             f.copy(work / f.name)
         if quant_config is not None:
@@ -167,7 +172,9 @@ def write_atomically(dst, write: Callable[[epath.Path], None], *, overwrite: boo
         raise
 
 
-def _write_params(path: epath.Path, config: CwmConfig, leaves, on_leaf, batch_bytes: int, qc=None) -> None:
+def _write_params(
+    path: epath.Path, config: CwmConfig, leaves, on_leaf, batch_bytes: int, qc=None, compression: bool = True
+) -> None:
     expected = leaf_specs(config, qc)
     seen: set[Path] = set()
     batch: list[tuple[Path, np.ndarray]] = []
@@ -177,6 +184,7 @@ def _write_params(path: epath.Path, config: CwmConfig, leaves, on_leaf, batch_by
     # One zarr array per leaf instead of OCDBT's shared data files: a checkpoint has only ~580 leaves, and on a 4 GB
     # conversion this saved 1.7x faster (8.8 vs 15.2 s in Orbax) with 0.5 GB less peak RSS, at the same disk size.
     ctx.array.saving.use_ocdbt = False
+    ctx.array.saving.use_compression = compression
 
     def flush():
         nonlocal batch, size
@@ -315,6 +323,82 @@ def _checked_config(ckpt_dir) -> tuple[CwmConfig, epath.Path, QuantConfig | None
                 f"{CONFIG_FILE} implies {dtype}{list(shape)}"
             )
     return config, params_dir, qc, specs
+
+
+def read_ahead(
+    pairs: Iterable[tuple[Path, np.ndarray]], max_bytes: int = BATCH_BYTES, sizes: Iterable[int] | None = None
+) -> Iterator:
+    """The `(key, array)` pairs of `pairs`, produced by a background thread up to `max_bytes` ahead of the consumer.
+
+    Reading the next tensors (disk reads and numpy copies release the GIL) overlaps with the consumer's writes. Bytes
+    count from the moment an array is produced until it is freed (its memory's owner is garbage), so a batch still
+    being written counts too. The thread pulls the next pair only when the bytes alive stay within `max_bytes` with
+    it (its size from `sizes`, the pairs' bytes in order, when given; else while less than `max_bytes` is alive), or
+    when the consumer waits for it (then it is the plain sequential order). Host memory stays under `max_bytes`
+    (plus one pair without `sizes`) and what the consumer holds anyway. An error in the source is raised here at its
+    place in the order; when the consumer stops early the thread stops after its current pair.
+    """
+    cond = threading.Condition()
+    ready: collections.deque = collections.deque()
+    state = {"alive": 0, "waiting": False, "stop": False, "done": False, "error": None}
+
+    def release(nbytes: int) -> None:
+        with cond:
+            state["alive"] -= nbytes
+            cond.notify_all()
+
+    def produce() -> None:
+        try:
+            source = iter(pairs)
+            upcoming = iter(sizes) if sizes is not None else None
+            while True:
+                need = next(upcoming, 0) if upcoming is not None else 1
+                with cond:
+                    cond.wait_for(lambda: state["stop"] or state["waiting"] or state["alive"] + need <= max_bytes)
+                    if state["stop"]:
+                        return
+                try:
+                    key, array = next(source)
+                except StopIteration:
+                    return
+                owner = array
+                while isinstance(owner.base, np.ndarray):
+                    owner = owner.base
+                with cond:
+                    state["alive"] += owner.nbytes
+                    weakref.finalize(owner, release, owner.nbytes)
+                    ready.append((key, array))
+                    state["waiting"] = False  # the consumer's wait is over: no more pairs on its account
+                    cond.notify_all()
+                del key, array, owner
+        except BaseException as e:  # handed to the consumer, raised there
+            state["error"] = e
+        finally:
+            with cond:
+                state["done"] = True
+                cond.notify_all()
+
+    thread = threading.Thread(target=produce, name="cwm-read-ahead", daemon=True)
+    thread.start()
+    try:
+        while True:
+            with cond:
+                state["waiting"] = not ready
+                cond.notify_all()
+                cond.wait_for(lambda: ready or state["done"])
+                state["waiting"] = False
+                if not ready:
+                    if state["error"] is not None:
+                        raise state["error"]
+                    return
+                item = ready.popleft()
+            yield item
+            del item
+    finally:
+        with cond:
+            state["stop"] = True
+            ready.clear()
+            cond.notify_all()
 
 
 def iter_leaves(ckpt_dir, *, batch_bytes: int = BATCH_BYTES) -> Iterator[tuple[Path, np.ndarray]]:

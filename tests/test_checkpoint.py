@@ -6,6 +6,8 @@ The reference is the model the leaves came from: its parameters (exact) and its 
 
 import json
 import os
+import threading
+import time
 import weakref
 
 import jax
@@ -217,3 +219,82 @@ def test_a_folder_that_is_not_a_converted_checkpoint_is_named(tmp_path):
     (folder / "params").mkdir()
     with pytest.raises(CheckpointError, match=f"{folder / 'params'}: not a readable Orbax checkpoint"):
         checkpoint.load(folder)
+
+
+def _arrays(n: int, nbytes: int, produced: list, fail_at: int | None = None):
+    for i in range(n):
+        if i == fail_at:
+            raise Boom(f"source failed at {i}")
+        array = np.full(nbytes, i % 251, np.uint8)
+        produced.append(weakref.ref(array))
+        yield ("leaf", str(i)), array
+
+
+@pytest.mark.parametrize("hold", [1, 5])
+def test_read_ahead_keeps_the_order_reads_ahead_and_bounds_what_is_alive(hold):
+    produced: list = []
+    got, held, alive = [], [], []
+    for key, array in checkpoint.read_ahead(_arrays(30, 1000, produced), max_bytes=3000):
+        if not got:
+            # the thread works while the consumer holds its first array: it fills the 3000-byte budget
+            deadline = time.monotonic() + 10
+            while len(produced) < 3 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert len(produced) >= 3, "nothing was read ahead"
+        got.append((key, int(array[0])))
+        held = [*held, array][-hold:]  # a consumer that keeps its last `hold` arrays (an Orbax batch)
+        del array
+        alive.append(sum(r() is not None for r in produced))
+    assert got == [(("leaf", str(i)), i % 251) for i in range(30)]
+    # the budget (3 arrays) plus one pulled at the limit; a consumer holding more than the budget makes the thread
+    # wait until it asks for the next array, so then it is what the consumer holds plus the one it asked for
+    assert max(alive) <= max(3, hold) + 1, alive
+
+
+def test_read_ahead_raises_the_source_error_in_its_place():
+    got = []
+    with pytest.raises(Boom, match="source failed at 3"):
+        for key, _ in checkpoint.read_ahead(_arrays(10, 100, [], fail_at=3), max_bytes=10_000):
+            got.append(key)
+    assert got == [("leaf", "0"), ("leaf", "1"), ("leaf", "2")]
+
+
+def test_read_ahead_stops_its_thread_when_the_consumer_stops():
+    pairs = checkpoint.read_ahead(_arrays(10**6, 100, []), max_bytes=1000)
+    assert next(pairs)[0] == ("leaf", "0")
+    pairs.close()
+    for thread in threading.enumerate():
+        if thread.name == "cwm-read-ahead":
+            thread.join(timeout=10)
+            assert not thread.is_alive()
+
+
+def test_save_streaming_from_read_ahead_writes_every_leaf(tmp_path):
+    model = _model("float32")
+    checkpoint.save_streaming(
+        tmp_path / "ckpt",
+        model.config,
+        checkpoint.read_ahead(checkpoint.model_leaves(model), max_bytes=40_000),
+        batch_bytes=40_000,
+    )
+    for (key, a), (_, b) in zip(checkpoint.iter_leaves(tmp_path / "ckpt"), checkpoint.model_leaves(model), strict=True):
+        np.testing.assert_array_equal(_bits(a), _bits(b), err_msg=str(key))
+
+
+def test_read_ahead_with_sizes_never_exceeds_the_budget():
+    sizes = [2500, 500, 500, 2000, 1000, 2500, 300] * 4
+    produced: list = []
+
+    def pairs():
+        for i, n in enumerate(sizes):
+            array = np.zeros(n, np.uint8)
+            produced.append(weakref.ref(array))
+            yield ("leaf", str(i)), array
+
+    alive_bytes = []
+    for _, array in checkpoint.read_ahead(pairs(), max_bytes=3000, sizes=sizes):
+        time.sleep(0.002)  # a slow writer: the thread runs ahead as far as the budget lets it
+        alive_bytes.append(sum(r().nbytes for r in produced if r() is not None))  # the one held here included
+        del array
+    assert len(alive_bytes) == len(sizes)
+    assert max(alive_bytes) <= 3000, alive_bytes

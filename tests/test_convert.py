@@ -87,6 +87,29 @@ def test_bf16_conversion(hf_folder, tmp_path):
     assert back.dtype == torch.bfloat16
 
 
+def _codecs(ckpt) -> set[str]:
+    """The codec names of every stored array's zarr.json in a converted checkpoint."""
+    names = set()
+    for root, _, files in os.walk(os.path.join(ckpt, "params")):
+        if "zarr.json" in files:
+            text = open(os.path.join(root, "zarr.json")).read()
+            names.update(n for n in ("zstd", "bytes", "blosc", "gzip") if f'"name":"{n}"' in text.replace(" ", ""))
+    return names
+
+
+def test_compression_none_stores_the_same_leaves_uncompressed(hf_folder, tmp_path):
+    src, _ = hf_folder
+    zstd, none = str(tmp_path / "zstd"), str(tmp_path / "none")
+    assert _convert("hf-to-orbax", src, zstd, "--dtype", "bfloat16") == 0
+    assert _convert("hf-to-orbax", src, none, "--dtype", "bfloat16", "--compression", "none") == 0
+    assert "zstd" in _codecs(zstd)
+    assert _codecs(none) == {"bytes"}
+    a, b = list(checkpoint.iter_leaves(zstd)), list(checkpoint.iter_leaves(none))
+    assert [k for k, _ in a] == [k for k, _ in b]
+    for (key, x), (_, y) in zip(a, b, strict=True):
+        np.testing.assert_array_equal(x.view(np.uint16), y.view(np.uint16), err_msg=str(key))
+
+
 def _expect_error(capsys, args, *fragments):
     assert _convert(*args) == 2
     err = capsys.readouterr().err.strip()

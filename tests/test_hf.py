@@ -114,3 +114,23 @@ def test_layout_names_every_parameter_once():
     path, hf_shape, shape, n_in = layout["model.layers.63.self_attn.o_proj.weight"]
     assert path == ("layers", "63", "o") and hf_shape == (6144, 6144) and shape == (48, 128, 6144) and n_in == 2
     assert isinstance(CwmConfig.from_hf(cwm_32b().to_hf()), CwmConfig)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32", "float64"])
+@pytest.mark.parametrize("threads", [1, 3])
+def test_transpose_2d_and_canonical_view_equal_numpy(monkeypatch, dtype, threads):
+    monkeypatch.setattr(hf, "_copy_threads", lambda: threads)
+    hf._copy_pool.cache_clear()
+    rng = np.random.default_rng(0)
+    for shape in [(5, 3), (300, 700), (64, 1)]:
+        a = rng.standard_normal(shape).astype(hf.numpy_dtype(dtype))
+        t = hf.transpose_2d(a, tile=64)
+        assert t.flags.c_contiguous and t.dtype == a.dtype
+        np.testing.assert_array_equal(t, a.T)
+    # q-like ([heads * hd, hidden] -> [hidden, heads, hd]) and o-like ([hidden, heads * hd] -> [heads, hd, hidden])
+    for hf_shape, shape, n_in in [((12, 10), (10, 3, 4), 1), ((10, 12), (3, 4, 10), 2)]:
+        a = rng.standard_normal(hf_shape).astype(hf.numpy_dtype(dtype))
+        view = hf.canonical_view(a, shape, n_in)
+        assert np.shares_memory(view, a) and view.shape == shape
+        np.testing.assert_array_equal(view, hf.from_hf_tensor(a, shape, n_in))
+    hf._copy_pool.cache_clear()

@@ -115,9 +115,19 @@ def trained_leaves(workdir, config: CwmConfig, step: int | None = None) -> Itera
         del stacked
 
 
-def export(workdir, dst, *, step: int | None = None, dtype: str | None = None, overwrite: bool = False, on_leaf=None):
+def export(
+    workdir,
+    dst,
+    *,
+    step: int | None = None,
+    dtype: str | None = None,
+    overwrite: bool = False,
+    on_leaf=None,
+    compression: bool = True,
+):
     """Write the trained model of `workdir` (latest step, or `step`) as a converted checkpoint at `dst`, with the
-    run's tokenizer; `dtype` defaults to the run's compute dtype. Returns the architecture written."""
+    run's tokenizer; `dtype` defaults to the run's compute dtype; `compression` as in `save_streaming`. Returns the
+    architecture written."""
     import dataclasses
     import tempfile
 
@@ -128,7 +138,13 @@ def export(workdir, dst, *, step: int | None = None, dtype: str | None = None, o
     with tempfile.TemporaryDirectory() as tmp:
         files = tokenizer_files(cfg.tokenizer, epath.Path(tmp))
         checkpoint.save_streaming(
-            dst, config, trained_leaves(workdir, config, step), files=files, overwrite=overwrite, on_leaf=on_leaf
+            dst,
+            config,
+            trained_leaves(workdir, config, step),
+            files=files,
+            overwrite=overwrite,
+            on_leaf=on_leaf,
+            compression=compression,
         )
     return config
 
