@@ -354,7 +354,9 @@ def read_ahead(
             while True:
                 need = next(upcoming, 0) if upcoming is not None else 1
                 with cond:
-                    cond.wait_for(lambda: state["stop"] or state["waiting"] or state["alive"] + need <= max_bytes)
+                    cond.wait_for(
+                        lambda need=need: state["stop"] or state["waiting"] or state["alive"] + need <= max_bytes
+                    )
                     if state["stop"]:
                         return
                 try:
