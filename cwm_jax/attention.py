@@ -110,15 +110,33 @@ def _slice(x, start, size):
     return None if x is None else lax.dynamic_slice_in_dim(x, start, size, axis=1)
 
 
-def _block_scores(q_BQKGH, k_BCKH, q_pos_Q, k_pos_C, seg_q_BQ, seg_k_BC, window):
+def _block_scores(q_BKGQH, k_BKCH, q_pos_Q, k_pos_C, seg_q_BQ, seg_k_BC, window):
     """Scaled float32 scores [B, K, G, Q, C] of one block pair, invisible entries set to -inf.
 
     Keys at negative indices (a halo from before the sequence start) are never visible.
     """
-    s_BKGQC = jnp.einsum("bqkgh,bckh->bkgqc", q_BQKGH, k_BCKH, preferred_element_type=jnp.float32)
-    s_BKGQC = s_BKGQC * q_BQKGH.shape[-1] ** -0.5
+    s_BKGQC = jnp.einsum("bkgqh,bkch->bkgqc", q_BKGQH, k_BKCH, preferred_element_type=jnp.float32)
+    s_BKGQC = s_BKGQC * q_BKGQH.shape[-1] ** -0.5
     vis_BQC = _visible(q_pos_Q, k_pos_C, window, seg_q_BQ, seg_k_BC) & (k_pos_C >= 0)
     return jnp.where(vis_BQC[:, None, None], s_BKGQC, -jnp.inf)
+
+
+def _q_heads_major(x_BTNH, K: int):
+    """[B, T, N, H] -> [B, K, G, T, H]: the layout of the block matmuls, made once per call rather than per block
+    pair (XLA's CPU backend transposed every query block again for every key block it visited)."""
+    B, T, N, H = x_BTNH.shape
+    return jnp.transpose(x_BTNH.reshape(B, T, K, N // K, H), (0, 2, 3, 1, 4))
+
+
+def _kv_heads_major(x_BSKH):
+    """[B, S, K, H] -> [B, K, S, H] (as `_q_heads_major`)."""
+    return jnp.transpose(x_BSKH, (0, 2, 1, 3))
+
+
+def _tokens_major(x_nBKGQH):
+    """Per-block results [n, B, K, G, Q, H] -> [B, n * Q, K * G, H]."""
+    n, B, K, G, Q, H = x_nBKGQH.shape
+    return jnp.transpose(x_nBKGQH, (1, 0, 4, 2, 3, 5)).reshape(B, n * Q, K * G, H)
 
 
 def _block_bounds(pos_T, size):
@@ -131,21 +149,21 @@ def _blocked_forward(q_BTNH, k_BSKH, v_BSKH, q_pos_T, k_pos_S, seg_q_BT, seg_k_B
     B, T, N, H = q_BTNH.shape
     K = k_BSKH.shape[2]
     G = N // K
-    q_BTKGH = q_BTNH.reshape(B, T, K, G, H)
+    q_BKGTH, k_BKSH, v_BKSH = _q_heads_major(q_BTNH, K), _kv_heads_major(k_BSKH), _kv_heads_major(v_BSKH)
     q_first_n, q_last_n = _block_bounds(q_pos_T, Q)
     k_first_n, k_last_n = _block_bounds(k_pos_S, C)
 
     def q_block(qi):
-        q_BQKGH = lax.dynamic_slice_in_dim(q_BTKGH, qi * Q, Q, axis=1)
+        q_BKGQH = lax.dynamic_slice_in_dim(q_BKGTH, qi * Q, Q, axis=3)
         q_pos_Q = lax.dynamic_slice_in_dim(q_pos_T, qi * Q, Q)
         seg_q_BQ = _slice(seg_q_BT, qi * Q, Q)
 
         def kv_step(kj, carry):
             m_BKGQ, l_BKGQ, acc_BKGQH = carry
-            k_BCKH = lax.dynamic_slice_in_dim(k_BSKH, kj * C, C, axis=1)
-            v_BCKH = lax.dynamic_slice_in_dim(v_BSKH, kj * C, C, axis=1)
+            k_BKCH = lax.dynamic_slice_in_dim(k_BKSH, kj * C, C, axis=2)
+            v_BKCH = lax.dynamic_slice_in_dim(v_BKSH, kj * C, C, axis=2)
             k_pos_C = lax.dynamic_slice_in_dim(k_pos_S, kj * C, C)
-            s_BKGQC = _block_scores(q_BQKGH, k_BCKH, q_pos_Q, k_pos_C, seg_q_BQ, _slice(seg_k_BS, kj * C, C), window)
+            s_BKGQC = _block_scores(q_BKGQH, k_BKCH, q_pos_Q, k_pos_C, seg_q_BQ, _slice(seg_k_BS, kj * C, C), window)
             m_new_BKGQ = jnp.maximum(m_BKGQ, s_BKGQC.max(axis=-1))
             # A row with nothing visible yet has max -inf; subtracting 0 instead keeps exp(-inf - 0) = 0, not NaN.
             m_safe_BKGQ = jnp.where(m_new_BKGQ == -jnp.inf, 0.0, m_new_BKGQ)
@@ -153,7 +171,7 @@ def _blocked_forward(q_BTNH, k_BSKH, v_BSKH, q_pos_T, k_pos_S, seg_q_BT, seg_k_B
             alpha_BKGQ = jnp.exp(m_BKGQ - m_safe_BKGQ)
             l_BKGQ = alpha_BKGQ * l_BKGQ + p_BKGQC.sum(axis=-1)
             pv_BKGQH = jnp.einsum(
-                "bkgqc,bckh->bkgqh", p_BKGQC.astype(v_BCKH.dtype), v_BCKH, preferred_element_type=jnp.float32
+                "bkgqc,bkch->bkgqh", p_BKGQC.astype(v_BKCH.dtype), v_BKCH, preferred_element_type=jnp.float32
             )
             return m_new_BKGQ, l_BKGQ, alpha_BKGQ[..., None] * acc_BKGQH + pv_BKGQH
 
@@ -168,11 +186,10 @@ def _blocked_forward(q_BTNH, k_BSKH, v_BSKH, q_pos_T, k_pos_S, seg_q_BT, seg_k_B
         # Rows never fully masked here (each sees itself), but guard l == 0 so a bad row gives 0, not NaN.
         l_safe_BKGQ = jnp.where(l_BKGQ == 0.0, 1.0, l_BKGQ)
         m_safe_BKGQ = jnp.where(m_BKGQ == -jnp.inf, 0.0, m_BKGQ)
-        o_BQKGH = jnp.transpose(acc_BKGQH / l_safe_BKGQ[..., None], (0, 3, 1, 2, 4)).astype(q_BTNH.dtype)
-        return o_BQKGH, m_safe_BKGQ + jnp.log(l_safe_BKGQ)
+        return (acc_BKGQH / l_safe_BKGQ[..., None]).astype(q_BTNH.dtype), m_safe_BKGQ + jnp.log(l_safe_BKGQ)
 
-    o_nBQKGH, lse_nBKGQ = lax.map(q_block, jnp.arange(T // Q, dtype=jnp.int32))
-    return jnp.moveaxis(o_nBQKGH, 0, 1).reshape(B, T, N, H), lse_nBKGQ
+    o_nBKGQH, lse_nBKGQ = lax.map(q_block, jnp.arange(T // Q, dtype=jnp.int32))
+    return _tokens_major(o_nBKGQH), lse_nBKGQ
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9))
@@ -194,70 +211,62 @@ def _attention_core_bwd(window, Q, C, res, do_BTNH):
     G = N // K
     nq, nk = T // Q, S // C
     scale = H**-0.5
-    q_BTKGH = q_BTNH.reshape(B, T, K, G, H)
-    do_BTKGH = do_BTNH.reshape(B, T, K, G, H)
+    q_BKGTH, do_BKGTH = _q_heads_major(q_BTNH, K), _q_heads_major(do_BTNH, K)
+    k_BKSH, v_BKSH = _kv_heads_major(k_BSKH), _kv_heads_major(v_BSKH)
     q_first_n, q_last_n = _block_bounds(q_pos_T, Q)
     k_first_n, k_last_n = _block_bounds(k_pos_S, C)
     # D_i = rowsum(dO_i * O_i) = sum_j P_ij dP_ij, the softmax-Jacobian correction term.
-    d_BTKG = jnp.sum(do_BTKGH.astype(jnp.float32) * o_BTNH.reshape(B, T, K, G, H).astype(jnp.float32), axis=-1)
+    d_BTKG = jnp.sum(
+        do_BTNH.reshape(B, T, K, G, H).astype(jnp.float32) * o_BTNH.reshape(B, T, K, G, H).astype(jnp.float32), axis=-1
+    )
     d_nBKGQ = jnp.transpose(d_BTKG.reshape(B, nq, Q, K, G), (1, 0, 3, 4, 2))
 
-    def probs_and_ds(qi, kj, q_BQKGH, do_BQKGH, k_BCKH, v_BCKH):
+    def probs_and_ds(qi, kj, q_BKGQH, do_BKGQH, k_BKCH, v_BKCH):
         """Recomputed probabilities P and score gradient dS = P * (dP - D) of one block pair, both [B, K, G, Q, C]."""
         q_pos_Q = lax.dynamic_slice_in_dim(q_pos_T, qi * Q, Q)
         k_pos_C = lax.dynamic_slice_in_dim(k_pos_S, kj * C, C)
         seg_q_BQ, seg_k_BC = _slice(seg_q_BT, qi * Q, Q), _slice(seg_k_BS, kj * C, C)
-        s_BKGQC = _block_scores(q_BQKGH, k_BCKH, q_pos_Q, k_pos_C, seg_q_BQ, seg_k_BC, window)
+        s_BKGQC = _block_scores(q_BKGQH, k_BKCH, q_pos_Q, k_pos_C, seg_q_BQ, seg_k_BC, window)
         lse_BKGQ = lax.dynamic_index_in_dim(lse_nBKGQ, qi, keepdims=False)
         d_BKGQ = lax.dynamic_index_in_dim(d_nBKGQ, qi, keepdims=False)
         p_BKGQC = jnp.exp(s_BKGQC - lse_BKGQ[..., None])
-        dp_BKGQC = jnp.einsum("bqkgh,bckh->bkgqc", do_BQKGH, v_BCKH, preferred_element_type=jnp.float32)
+        dp_BKGQC = jnp.einsum("bkgqh,bkch->bkgqc", do_BKGQH, v_BKCH, preferred_element_type=jnp.float32)
         return p_BKGQC, p_BKGQC * (dp_BKGQC - d_BKGQ[..., None])
 
-    def dq_block(qi):
-        q_BQKGH = lax.dynamic_slice_in_dim(q_BTKGH, qi * Q, Q, axis=1)
-        do_BQKGH = lax.dynamic_slice_in_dim(do_BTKGH, qi * Q, Q, axis=1)
-
-        def kv_step(kj, dq_BQKGH):
-            k_BCKH = lax.dynamic_slice_in_dim(k_BSKH, kj * C, C, axis=1)
-            v_BCKH = lax.dynamic_slice_in_dim(v_BSKH, kj * C, C, axis=1)
-            _, ds_BKGQC = probs_and_ds(qi, kj, q_BQKGH, do_BQKGH, k_BCKH, v_BCKH)
-            return dq_BQKGH + jnp.einsum(
-                "bkgqc,bckh->bqkgh", ds_BKGQC.astype(k_BCKH.dtype), k_BCKH, preferred_element_type=jnp.float32
-            )
-
-        lo, hi = _kv_range(q_first_n[qi], q_last_n[qi], k_first_n, k_last_n, window)
-        dq_BQKGH = lax.fori_loop(lo, hi + 1, kv_step, jnp.zeros((B, Q, K, G, H), jnp.float32))
-        return (dq_BQKGH * scale).astype(q_BTNH.dtype)
-
-    def dkv_block(kj):
-        k_BCKH = lax.dynamic_slice_in_dim(k_BSKH, kj * C, C, axis=1)
-        v_BCKH = lax.dynamic_slice_in_dim(v_BSKH, kj * C, C, axis=1)
+    def dkv_block(dq_nBKGQH, kj):
+        """dK and dV of key block kj over the query blocks that see it; adds each pair's dQ into the running dQ."""
+        k_BKCH = lax.dynamic_slice_in_dim(k_BKSH, kj * C, C, axis=2)
+        v_BKCH = lax.dynamic_slice_in_dim(v_BKSH, kj * C, C, axis=2)
 
         def q_step(qi, carry):
-            dk_BCKH, dv_BCKH = carry
-            q_BQKGH = lax.dynamic_slice_in_dim(q_BTKGH, qi * Q, Q, axis=1)
-            do_BQKGH = lax.dynamic_slice_in_dim(do_BTKGH, qi * Q, Q, axis=1)
-            p_BKGQC, ds_BKGQC = probs_and_ds(qi, kj, q_BQKGH, do_BQKGH, k_BCKH, v_BCKH)
+            dk_BKCH, dv_BKCH, dq_nBKGQH = carry
+            q_BKGQH = lax.dynamic_slice_in_dim(q_BKGTH, qi * Q, Q, axis=3)
+            do_BKGQH = lax.dynamic_slice_in_dim(do_BKGTH, qi * Q, Q, axis=3)
+            p_BKGQC, ds_BKGQC = probs_and_ds(qi, kj, q_BKGQH, do_BKGQH, k_BKCH, v_BKCH)
             # Summing over g and q folds the G query heads that share a KV head back onto it.
-            dv_BCKH = dv_BCKH + jnp.einsum(
-                "bkgqc,bqkgh->bckh", p_BKGQC.astype(do_BQKGH.dtype), do_BQKGH, preferred_element_type=jnp.float32
+            dv_BKCH = dv_BKCH + jnp.einsum(
+                "bkgqc,bkgqh->bkch", p_BKGQC.astype(do_BKGQH.dtype), do_BKGQH, preferred_element_type=jnp.float32
             )
-            dk_BCKH = dk_BCKH + jnp.einsum(
-                "bkgqc,bqkgh->bckh", ds_BKGQC.astype(q_BQKGH.dtype), q_BQKGH, preferred_element_type=jnp.float32
+            dk_BKCH = dk_BKCH + jnp.einsum(
+                "bkgqc,bkgqh->bkch", ds_BKGQC.astype(q_BKGQH.dtype), q_BKGQH, preferred_element_type=jnp.float32
             )
-            return dk_BCKH, dv_BCKH
+            dq_BKGQH = jnp.einsum(
+                "bkgqc,bkch->bkgqh", ds_BKGQC.astype(k_BKCH.dtype), k_BKCH, preferred_element_type=jnp.float32
+            )
+            # One pass over the visited pairs (FlashAttention-2's backward): P and dS are computed once per pair.
+            dq_nBKGQH = dq_nBKGQH.at[qi].add(dq_BKGQH)
+            return dk_BKCH, dv_BKCH, dq_nBKGQH
 
-        zeros_BCKH = jnp.zeros((B, C, K, H), jnp.float32)
+        zeros_BKCH = jnp.zeros((B, K, C, H), jnp.float32)
         lo, hi = _q_range(k_first_n[kj], k_last_n[kj], q_first_n, q_last_n, window)
-        dk_BCKH, dv_BCKH = lax.fori_loop(lo, hi + 1, q_step, (zeros_BCKH, zeros_BCKH))
-        return (dk_BCKH * scale).astype(k_BSKH.dtype), dv_BCKH.astype(v_BSKH.dtype)
+        dk_BKCH, dv_BKCH, dq_nBKGQH = lax.fori_loop(lo, hi + 1, q_step, (zeros_BKCH, zeros_BKCH, dq_nBKGQH))
+        return dq_nBKGQH, ((dk_BKCH * scale).astype(k_BSKH.dtype), dv_BKCH.astype(v_BSKH.dtype))
 
-    dq_nBQKGH = lax.map(dq_block, jnp.arange(nq, dtype=jnp.int32))
-    dk_nBCKH, dv_nBCKH = lax.map(dkv_block, jnp.arange(nk, dtype=jnp.int32))
-    dq_BTNH = jnp.moveaxis(dq_nBQKGH, 0, 1).reshape(B, T, N, H)
-    dk_BSKH = jnp.moveaxis(dk_nBCKH, 0, 1).reshape(B, S, K, H)
-    dv_BSKH = jnp.moveaxis(dv_nBCKH, 0, 1).reshape(B, S, K, H)
+    dq_nBKGQH = jnp.zeros((nq, B, K, G, Q, H), jnp.float32)
+    dq_nBKGQH, (dk_nBKCH, dv_nBKCH) = lax.scan(dkv_block, dq_nBKGQH, jnp.arange(nk, dtype=jnp.int32))
+    dq_BTNH = _tokens_major((dq_nBKGQH * scale).astype(q_BTNH.dtype))
+    # [n, B, K, C, H] as [n, B, K, 1, C, H] (one query head per KV head) -> [B, S, K, H]
+    dk_BSKH, dv_BSKH = _tokens_major(dk_nBKCH[:, :, :, None]), _tokens_major(dv_nBKCH[:, :, :, None])
     # Indices and segment ids are integer labels: no cotangent.
     return dq_BTNH, dk_BSKH, dv_BSKH, None, None, None, None
 
