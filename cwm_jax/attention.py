@@ -29,6 +29,8 @@ from jax import lax
 from cwm_jax.kernels import schedule
 
 IMPLS = ("xla", "dense", "pallas", "splash")
+# A window longer than any sequence: a causal global layer, as a window value (int32, with room for index sums).
+GLOBAL_WINDOW = 2**30
 KERNEL_IMPLS = ("pallas", "splash")
 
 
@@ -192,7 +194,7 @@ def _blocked_forward(q_BTNH, k_BSKH, v_BSKH, q_pos_T, k_pos_S, seg_q_BT, seg_k_B
     return _tokens_major(o_nBKGQH), lse_nBKGQ
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9))
+@functools.partial(jax.custom_vjp, nondiff_argnums=(8, 9))
 def _attention_core(q_BTNH, k_BSKH, v_BSKH, q_pos_T, k_pos_S, seg_q_BT, seg_k_BS, window, Q, C):
     """Blocked attention on padded inputs (T % Q == S % C == 0) with query and key indices sorted ascending."""
     return _blocked_forward(q_BTNH, k_BSKH, v_BSKH, q_pos_T, k_pos_S, seg_q_BT, seg_k_BS, window, Q, C)[0]
@@ -201,11 +203,11 @@ def _attention_core(q_BTNH, k_BSKH, v_BSKH, q_pos_T, k_pos_S, seg_q_BT, seg_k_BS
 def _attention_core_fwd(q_BTNH, k_BSKH, v_BSKH, q_pos_T, k_pos_S, seg_q_BT, seg_k_BS, window, Q, C):
     o_BTNH, lse_nBKGQ = _blocked_forward(q_BTNH, k_BSKH, v_BSKH, q_pos_T, k_pos_S, seg_q_BT, seg_k_BS, window, Q, C)
     # O(T) residuals: inputs, output and per-row logsumexp; probabilities are recomputed per block in the backward.
-    return o_BTNH, (q_BTNH, k_BSKH, v_BSKH, q_pos_T, k_pos_S, seg_q_BT, seg_k_BS, o_BTNH, lse_nBKGQ)
+    return o_BTNH, (q_BTNH, k_BSKH, v_BSKH, q_pos_T, k_pos_S, seg_q_BT, seg_k_BS, window, o_BTNH, lse_nBKGQ)
 
 
-def _attention_core_bwd(window, Q, C, res, do_BTNH):
-    q_BTNH, k_BSKH, v_BSKH, q_pos_T, k_pos_S, seg_q_BT, seg_k_BS, o_BTNH, lse_nBKGQ = res
+def _attention_core_bwd(Q, C, res, do_BTNH):
+    q_BTNH, k_BSKH, v_BSKH, q_pos_T, k_pos_S, seg_q_BT, seg_k_BS, window, o_BTNH, lse_nBKGQ = res
     B, T, N, H = q_BTNH.shape
     S, K = k_BSKH.shape[1:3]
     G = N // K
@@ -267,8 +269,8 @@ def _attention_core_bwd(window, Q, C, res, do_BTNH):
     dq_BTNH = _tokens_major((dq_nBKGQH * scale).astype(q_BTNH.dtype))
     # [n, B, K, C, H] as [n, B, K, 1, C, H] (one query head per KV head) -> [B, S, K, H]
     dk_BSKH, dv_BSKH = _tokens_major(dk_nBKCH[:, :, :, None]), _tokens_major(dv_nBKCH[:, :, :, None])
-    # Indices and segment ids are integer labels: no cotangent.
-    return dq_BTNH, dk_BSKH, dv_BSKH, None, None, None, None
+    # Indices, segment ids and the window are integers: no cotangent.
+    return dq_BTNH, dk_BSKH, dv_BSKH, None, None, None, None, None
 
 
 _attention_core.defvjp(_attention_core_fwd, _attention_core_bwd)
@@ -345,6 +347,8 @@ def attention(
     """Causal GQA self-attention [B, T, N, H] x [B, T, K, H] -> [B, T, N, H]; the single entry point for the model.
 
     window: W keys per query (itself included) for a sliding-window local layer; None for a causal global layer.
+      With impl "xla" also an integer scalar array, possibly traced (>= 1; `GLOBAL_WINDOW` for a global layer): the
+      model's scanned layers pick each layer's window at run time, one code path instead of a `lax.cond` of two.
     segment_ids_BT: int32 [B, T] document ids for packed sequences; queries only see keys of their own document.
     impl: "xla" (blocked FlashAttention-2 reference with O(T) memory), "dense" (attention_dense, O(T^2)), "pallas"
       (this project's Pallas kernel: Mosaic on TPU, Triton on GPU, the TPU kernel in interpret mode on CPU) or
@@ -359,7 +363,12 @@ def attention(
         return kernel_attention(q_BTNH, k_BTKH, v_BTKH, window=window, segment_ids_BT=segment_ids_BT, impl=impl)
     if impl != "xla":
         raise ValueError(f"unknown attention impl {impl!r}; valid values are {', '.join(map(repr, IMPLS))}")
-    window = schedule.check_inputs(q_BTNH, k_BTKH, v_BTKH, window, segment_ids_BT)
+    if isinstance(window, jax.Array):
+        if window.shape != () or not jnp.issubdtype(window.dtype, jnp.integer):
+            raise ValueError(f"a window given as an array must be an integer scalar, got {window.dtype}{window.shape}")
+        schedule.check_inputs(q_BTNH, k_BTKH, v_BTKH, None, segment_ids_BT)
+    else:
+        window = schedule.check_inputs(q_BTNH, k_BTKH, v_BTKH, window, segment_ids_BT)
     T = q_BTNH.shape[1]
     Q, C, T_pad = schedule.plan(T, block_q, block_k)
     pad = T_pad - T

@@ -250,6 +250,10 @@ class CwmModel(nnx.Module):
             return run(None)
         if not any(c.is_global):
             return run(c.sliding_window)
+        if attend.func is attn_lib.attention and self.attention_impl == "xla":
+            # The blocked loops take the window as a run-time value: one path for both kinds of layer (on CPU the
+            # lax.cond of the two cost 0.17 s of a 2.0 s train step, BENCHMARKS.md).
+            return run(jnp.where(is_global, attn_lib.GLOBAL_WINDOW, c.sliding_window).astype(jnp.int32))
         # Both branches are compiled once, inside the single scanned layer body.
         return jax.lax.cond(is_global, lambda: run(None), lambda: run(c.sliding_window))
 

@@ -283,6 +283,35 @@ def test_inside_scan_and_cond():
         assert _max_abs(g, g_ref) <= GRAD_RTOL * max(1.0, float(jnp.max(jnp.abs(g_ref))))
 
 
+def test_inside_scan_with_a_run_time_window():
+    # The model's path for impl "xla": each scanned layer passes its window as a traced int32 (GLOBAL_WINDOW for a
+    # global layer) instead of a lax.cond; values and gradients equal the dense oracle layer by layer.
+    T, window = 40, 8
+    q, k, v, seg = _inputs(10, T, 2, n_docs=2)
+    windows_L = jnp.array([window, attn.GLOBAL_WINDOW, window, attn.GLOBAL_WINDOW], jnp.int32)
+
+    def model(q, k, v):
+        def layer(x_BTNH, w):
+            o = attention(x_BTNH, k, v, window=w, segment_ids_BT=seg, impl="xla", block_q=16, block_k=16)
+            return x_BTNH + o, None
+
+        return jnp.sum(jax.lax.scan(layer, q, windows_L)[0] ** 2)
+
+    def model_ref(q, k, v):
+        x_BTNH = q
+        for w in (window, None, window, None):
+            x_BTNH = x_BTNH + attention_dense(x_BTNH, k, v, window=w, segment_ids_BT=seg)
+        return jnp.sum(x_BTNH**2)
+
+    loss, grads = jax.jit(jax.value_and_grad(model, argnums=(0, 1, 2)))(q, k, v)
+    loss_ref, grads_ref = jax.jit(jax.value_and_grad(model_ref, argnums=(0, 1, 2)))(q, k, v)
+    np.testing.assert_allclose(float(loss), float(loss_ref), rtol=1e-5)
+    for g, g_ref in zip(grads, grads_ref, strict=True):
+        assert _max_abs(g, g_ref) <= GRAD_RTOL * max(1.0, float(jnp.max(jnp.abs(g_ref))))
+    with pytest.raises(ValueError, match="integer scalar"):
+        attention(q, k, v, window=jnp.float32(8.0), impl="xla")
+
+
 def test_impl_dispatch_and_errors():
     q, k, v, seg = _inputs(9, 8, 2, n_docs=2)
     np.testing.assert_array_equal(
