@@ -251,6 +251,15 @@ def test_memory_linear_in_T(window, grad):
     assert dense[1] > 10 * mem[1]
 
 
+def _assert_same_loss_and_grads(model, model_ref, q, k, v):
+    """Loss within 1e-5 relative and gradients wrt q, k, v within GRAD_RTOL of the reference's."""
+    loss, grads = jax.jit(jax.value_and_grad(model, argnums=(0, 1, 2)))(q, k, v)
+    loss_ref, grads_ref = jax.jit(jax.value_and_grad(model_ref, argnums=(0, 1, 2)))(q, k, v)
+    np.testing.assert_allclose(float(loss), float(loss_ref), rtol=1e-5)
+    for g, g_ref in zip(grads, grads_ref, strict=True):
+        assert _max_abs(g, g_ref) <= GRAD_RTOL * max(1.0, float(jnp.max(jnp.abs(g_ref))))
+
+
 def test_inside_scan_and_cond():
     # The model scans layers and picks local/global per layer with lax.cond; gradients must flow through both.
     T, window = 40, 8
@@ -276,11 +285,7 @@ def test_inside_scan_and_cond():
             x_BTNH = x_BTNH + attention_dense(x_BTNH, k, v, window=w, segment_ids_BT=seg)
         return jnp.sum(x_BTNH**2)
 
-    loss, grads = jax.jit(jax.value_and_grad(model, argnums=(0, 1, 2)))(q, k, v)
-    loss_ref, grads_ref = jax.jit(jax.value_and_grad(model_ref, argnums=(0, 1, 2)))(q, k, v)
-    np.testing.assert_allclose(float(loss), float(loss_ref), rtol=1e-5)
-    for g, g_ref in zip(grads, grads_ref, strict=True):
-        assert _max_abs(g, g_ref) <= GRAD_RTOL * max(1.0, float(jnp.max(jnp.abs(g_ref))))
+    _assert_same_loss_and_grads(model, model_ref, q, k, v)
 
 
 def test_inside_scan_with_a_run_time_window():
@@ -303,11 +308,7 @@ def test_inside_scan_with_a_run_time_window():
             x_BTNH = x_BTNH + attention_dense(x_BTNH, k, v, window=w, segment_ids_BT=seg)
         return jnp.sum(x_BTNH**2)
 
-    loss, grads = jax.jit(jax.value_and_grad(model, argnums=(0, 1, 2)))(q, k, v)
-    loss_ref, grads_ref = jax.jit(jax.value_and_grad(model_ref, argnums=(0, 1, 2)))(q, k, v)
-    np.testing.assert_allclose(float(loss), float(loss_ref), rtol=1e-5)
-    for g, g_ref in zip(grads, grads_ref, strict=True):
-        assert _max_abs(g, g_ref) <= GRAD_RTOL * max(1.0, float(jnp.max(jnp.abs(g_ref))))
+    _assert_same_loss_and_grads(model, model_ref, q, k, v)
     with pytest.raises(ValueError, match="integer scalar"):
         attention(q, k, v, window=jnp.float32(8.0), impl="xla")
 
