@@ -76,6 +76,11 @@ def evict(folder: str) -> None:
                 os.close(fd)
 
 
+def folder_bytes(folder: str) -> int:
+    """Bytes of every file under `folder` (a checkpoint's size on disk, before block rounding)."""
+    return sum(os.path.getsize(os.path.join(root, n)) for root, _, names in os.walk(folder) for n in names)
+
+
 def raw_read(folder: str) -> tuple[int, float]:
     """Read every byte of the folder's safetensors files once; returns (bytes, seconds)."""
     buffer = bytearray(64 << 20)
@@ -142,10 +147,11 @@ def main(argv: list[str] | None = None) -> int:
         nbytes, read_s = raw_read(src)
         evict(src)
         copy_s = copy_tree(src, os.path.join(work, "copy"))
-        rows = []
+        rows, stored = [], {}
         for name, extra in (("hf-to-orbax --compression none", ["--compression", "none"]), ("hf-to-orbax", [])):
             evict(src)
             rows.append((name, *run_convert(["hf-to-orbax", src, orbax_dst, "--overwrite", *extra])))
+            stored[name] = folder_bytes(orbax_dst)
         evict(orbax_dst)
         rows.append(("orbax-to-hf", *run_convert(["orbax-to-hf", orbax_dst, hf_dst, "--overwrite"])))
     finally:
@@ -157,6 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     budget = 2 * largest + 1e9
     results = {
         "bytes": nbytes,
+        "orbax_bytes": stored,
         "largest_tensor_bytes": largest,
         "raw_read_gb_s": raw_gbs,
         "copy_gb_s": copy_gbs,
@@ -189,6 +196,7 @@ def main(argv: list[str] | None = None) -> int:
             "speed_target_met": fast,
             "memory_target_met": small,
         }
+    print("Orbax checkpoint size: " + ", ".join(f"{name} {n / 1e9:.2f} GB" for name, n in stored.items()))
     print(
         f"targets: speed >= half the raw read ({raw_gbs / 2:.2f} GB/s); memory <= 2 x largest + 1 GB "
         f"({budget / 1e9:.2f} GB)"

@@ -62,6 +62,7 @@ def run_config(args):
     cfg.dtype = "float32"
     cfg.remat = args.remat
     cfg.attention_block = args.attention_block
+    cfg.attention_impl = args.attention_impl
     cfg.loss.chunk = args.loss_chunk
     cfg.loss.z_loss = 0.0
     cfg.optimizer.update(dict(lr=1e-4, warmup_steps=0, decay="constant", clip_norm=1.0, weight_decay=0.1))
@@ -236,8 +237,9 @@ def measure(args) -> dict:
 
 def breakdown(args) -> dict:
     """Seconds (best of 5, after a compile) of the pieces of cwm_jax's step: the model's forward to the hidden states,
-    the gradients of the whole loss, the loss head alone (forward + backward) and the whole step, then the whole step
-    again with attention replaced by the identity (what attention costs)."""
+    the gradients of the whole loss, the loss head alone (forward + backward), one attention call's forward + backward
+    for a global and for a local layer at the step's shapes, and the whole step, then the whole step again with
+    attention replaced by the identity (what attention costs)."""
     import jax
 
     from cwm_jax import attention
@@ -269,6 +271,10 @@ def breakdown(args) -> dict:
         "forward_s": best(jax.jit(hidden), params, b),
         "loss_and_grads_s": best(jax.jit(trainer.loss_and_grads), params, b),
         "loss_head_s": best(jax.jit(jax.grad(head, argnums=(0, 1))), jax.jit(hidden)(params, b), params["lm_head"]),
+        **{
+            f"attention_{kind}_layer_s": best(_attention_grad(cfg, window), *_attention_inputs(cfg, b["segment_ids"]))
+            for kind, window in (("global", None), ("local", model_config(cfg).sliding_window))
+        },
         "step_s": best(lambda: side.step()),
     }
     original = attention.attention
@@ -280,6 +286,36 @@ def breakdown(args) -> dict:
     return out
 
 
+def _attention_inputs(cfg, segment_ids_BT):
+    """Random q [B, T, N, H], k and v [B, T, K, H] of the run's model and batch, and its segment ids."""
+    import jax.numpy as jnp
+
+    from cwm_jax.train.config import model_config
+
+    c = model_config(cfg)
+    rng = np.random.default_rng(1)
+    B, T = segment_ids_BT.shape
+    q = jnp.asarray(rng.standard_normal((B, T, c.num_heads, c.head_dim)), jnp.float32)
+    k, v = (jnp.asarray(rng.standard_normal((B, T, c.num_kv_heads, c.head_dim)), jnp.float32) for _ in "kv")
+    return q, k, v, segment_ids_BT
+
+
+def _attention_grad(cfg, window):
+    """jit of the gradients (q, k, v) of sum(attention(q, k, v)) as the model calls it (impl, block, segments)."""
+    import jax
+
+    from cwm_jax import attention
+
+    def loss(q, k, v, seg):
+        o = attention.attention(
+            q, k, v, window=window, segment_ids_BT=seg, impl=cfg.attention_impl,
+            block_q=cfg.attention_block, block_k=cfg.attention_block,
+        )  # fmt: skip
+        return o.sum()
+
+    return jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
+
+
 def main(argv=None) -> int:
     """Measure, print the ratio and the table; optionally write JSON. Returns the exit code."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -288,6 +324,7 @@ def main(argv=None) -> int:
     parser.add_argument("--rounds", type=int, default=5, help="alternations of the two sides")
     parser.add_argument("--steps", type=int, default=2, help="timed steps per side per round")
     parser.add_argument("--attention-block", type=int, default=128, help="cwm_jax blocked attention's block size")
+    parser.add_argument("--attention-impl", default="xla", choices=("xla", "dense"), help="cwm_jax attention")
     parser.add_argument("--loss-chunk", type=int, default=512, help="cwm_jax loss positions per chunk")
     parser.add_argument("--remat", default="none", choices=("none", "dots", "full"), help="cwm_jax remat policy")
     parser.add_argument("--torch-optimizer", default="fused", choices=("fused", "foreach", "for-loop"))

@@ -9,9 +9,9 @@
     cwm-convert quantize SRC DST --bits 8|4 [--group-size N] [--keep-head] [--scale-dtype bfloat16|float32]
                 [--compression zstd|none] [--overwrite]
 
-Each reads one tensor at a time (a background thread reads ahead while the writer works, up to
-`cwm_jax.checkpoint.BATCH_BYTES`), so host memory stays a small multiple of the largest tensor; the output appears
-only when complete. Known errors print one line on stderr and exit with status 2.
+Each reads one tensor at a time (a background thread reads ahead while the writer works, under a byte budget:
+`checkpoint.read_ahead`), so host memory stays a small multiple of the largest tensor; the output appears only when
+complete. Known errors print one line on stderr and exit with status 2.
 """
 
 from __future__ import annotations
@@ -161,8 +161,7 @@ def _cast(tensors: Iterator, dtype: str, progress: Progress) -> Iterable[tuple[t
 def _read_ahead(pairs: Iterator, sizes: list[int]) -> Iterator:
     """`checkpoint.read_ahead` of a source's tensors (`sizes`: their bytes as read, in order), up to the largest
     tensor plus half an Orbax batch alive: the writer's batch and the next tensors overlap, the two largest tensors
-    never. (A whole batch ahead was no faster on the 4 GB benchmark and peaked 0.25 GB higher, 2.5 of a 2.58 GB
-    target; TensorStore holds its own copy of the batch it writes.)"""
+    never (TensorStore holds its own copy of the batch it writes, so memory is about twice what is alive)."""
     from cwm_jax import checkpoint
 
     return checkpoint.read_ahead(pairs, max(sizes, default=0) + checkpoint.BATCH_BYTES // 2, sizes=sizes)
@@ -364,8 +363,8 @@ def _compression_flag(p: argparse.ArgumentParser) -> None:
         "--compression",
         choices=COMPRESSIONS,
         default="zstd",
-        help="zstd (default): about 20%% smaller for bf16 weights; none: about twice the write speed where cores are "
-        "few (a 2-core host)",
+        help="zstd (default): about 20%% smaller for bf16 weights; none: a faster conversion where cores are few "
+        "(1.3-1.7x on a 2-core host, BENCHMARKS.md)",
     )
 
 

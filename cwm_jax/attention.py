@@ -146,12 +146,10 @@ def _block_bounds(pos_T, size):
     return pos_T[::size], pos_T[size - 1 :: size]
 
 
-def _blocked_forward(q_BTNH, k_BSKH, v_BSKH, q_pos_T, k_pos_S, seg_q_BT, seg_k_BS, window, Q, C):
-    """Online-softmax forward over padded inputs; returns o [B, T, N, H] and logsumexp stacked as [n, B, K, G, Q]."""
-    B, T, N, H = q_BTNH.shape
-    K = k_BSKH.shape[2]
-    G = N // K
-    q_BKGTH, k_BKSH, v_BKSH = _q_heads_major(q_BTNH, K), _kv_heads_major(k_BSKH), _kv_heads_major(v_BSKH)
+def _blocked_forward(q_BKGTH, k_BKSH, v_BKSH, q_pos_T, k_pos_S, seg_q_BT, seg_k_BS, window, Q, C):
+    """Online-softmax forward over padded heads-major inputs; returns o [B, T, N, H] and logsumexp stacked as
+    [n, B, K, G, Q]."""
+    B, K, G, T, H = q_BKGTH.shape
     q_first_n, q_last_n = _block_bounds(q_pos_T, Q)
     k_first_n, k_last_n = _block_bounds(k_pos_S, C)
 
@@ -188,7 +186,7 @@ def _blocked_forward(q_BTNH, k_BSKH, v_BSKH, q_pos_T, k_pos_S, seg_q_BT, seg_k_B
         # Rows never fully masked here (each sees itself), but guard l == 0 so a bad row gives 0, not NaN.
         l_safe_BKGQ = jnp.where(l_BKGQ == 0.0, 1.0, l_BKGQ)
         m_safe_BKGQ = jnp.where(m_BKGQ == -jnp.inf, 0.0, m_BKGQ)
-        return (acc_BKGQH / l_safe_BKGQ[..., None]).astype(q_BTNH.dtype), m_safe_BKGQ + jnp.log(l_safe_BKGQ)
+        return (acc_BKGQH / l_safe_BKGQ[..., None]).astype(q_BKGTH.dtype), m_safe_BKGQ + jnp.log(l_safe_BKGQ)
 
     o_nBKGQH, lse_nBKGQ = lax.map(q_block, jnp.arange(T // Q, dtype=jnp.int32))
     return _tokens_major(o_nBKGQH), lse_nBKGQ
@@ -197,24 +195,24 @@ def _blocked_forward(q_BTNH, k_BSKH, v_BSKH, q_pos_T, k_pos_S, seg_q_BT, seg_k_B
 @functools.partial(jax.custom_vjp, nondiff_argnums=(8, 9))
 def _attention_core(q_BTNH, k_BSKH, v_BSKH, q_pos_T, k_pos_S, seg_q_BT, seg_k_BS, window, Q, C):
     """Blocked attention on padded inputs (T % Q == S % C == 0) with query and key indices sorted ascending."""
-    return _blocked_forward(q_BTNH, k_BSKH, v_BSKH, q_pos_T, k_pos_S, seg_q_BT, seg_k_BS, window, Q, C)[0]
+    return _attention_core_fwd(q_BTNH, k_BSKH, v_BSKH, q_pos_T, k_pos_S, seg_q_BT, seg_k_BS, window, Q, C)[0]
 
 
 def _attention_core_fwd(q_BTNH, k_BSKH, v_BSKH, q_pos_T, k_pos_S, seg_q_BT, seg_k_BS, window, Q, C):
-    o_BTNH, lse_nBKGQ = _blocked_forward(q_BTNH, k_BSKH, v_BSKH, q_pos_T, k_pos_S, seg_q_BT, seg_k_BS, window, Q, C)
-    # O(T) residuals: inputs, output and per-row logsumexp; probabilities are recomputed per block in the backward.
-    return o_BTNH, (q_BTNH, k_BSKH, v_BSKH, q_pos_T, k_pos_S, seg_q_BT, seg_k_BS, window, o_BTNH, lse_nBKGQ)
+    q_BKGTH, k_BKSH, v_BKSH = _q_heads_major(q_BTNH, k_BSKH.shape[2]), _kv_heads_major(k_BSKH), _kv_heads_major(v_BSKH)
+    o_BTNH, lse_nBKGQ = _blocked_forward(q_BKGTH, k_BKSH, v_BKSH, q_pos_T, k_pos_S, seg_q_BT, seg_k_BS, window, Q, C)
+    # O(T) residuals: the heads-major inputs (the backward's layout too), output and per-row logsumexp; probabilities
+    # are recomputed per block in the backward.
+    return o_BTNH, (q_BKGTH, k_BKSH, v_BKSH, q_pos_T, k_pos_S, seg_q_BT, seg_k_BS, window, o_BTNH, lse_nBKGQ)
 
 
 def _attention_core_bwd(Q, C, res, do_BTNH):
-    q_BTNH, k_BSKH, v_BSKH, q_pos_T, k_pos_S, seg_q_BT, seg_k_BS, window, o_BTNH, lse_nBKGQ = res
-    B, T, N, H = q_BTNH.shape
-    S, K = k_BSKH.shape[1:3]
-    G = N // K
+    q_BKGTH, k_BKSH, v_BKSH, q_pos_T, k_pos_S, seg_q_BT, seg_k_BS, window, o_BTNH, lse_nBKGQ = res
+    B, K, G, T, H = q_BKGTH.shape
+    S = k_BKSH.shape[2]
     nq, nk = T // Q, S // C
     scale = H**-0.5
-    q_BKGTH, do_BKGTH = _q_heads_major(q_BTNH, K), _q_heads_major(do_BTNH, K)
-    k_BKSH, v_BKSH = _kv_heads_major(k_BSKH), _kv_heads_major(v_BSKH)
+    do_BKGTH = _q_heads_major(do_BTNH, K)
     q_first_n, q_last_n = _block_bounds(q_pos_T, Q)
     k_first_n, k_last_n = _block_bounds(k_pos_S, C)
     # D_i = rowsum(dO_i * O_i) = sum_j P_ij dP_ij, the softmax-Jacobian correction term.
@@ -262,11 +260,11 @@ def _attention_core_bwd(Q, C, res, do_BTNH):
         zeros_BKCH = jnp.zeros((B, K, C, H), jnp.float32)
         lo, hi = _q_range(k_first_n[kj], k_last_n[kj], q_first_n, q_last_n, window)
         dk_BKCH, dv_BKCH, dq_nBKGQH = lax.fori_loop(lo, hi + 1, q_step, (zeros_BKCH, zeros_BKCH, dq_nBKGQH))
-        return dq_nBKGQH, ((dk_BKCH * scale).astype(k_BSKH.dtype), dv_BKCH.astype(v_BSKH.dtype))
+        return dq_nBKGQH, ((dk_BKCH * scale).astype(k_BKSH.dtype), dv_BKCH.astype(v_BKSH.dtype))
 
     dq_nBKGQH = jnp.zeros((nq, B, K, G, Q, H), jnp.float32)
     dq_nBKGQH, (dk_nBKCH, dv_nBKCH) = lax.scan(dkv_block, dq_nBKGQH, jnp.arange(nk, dtype=jnp.int32))
-    dq_BTNH = _tokens_major((dq_nBKGQH * scale).astype(q_BTNH.dtype))
+    dq_BTNH = _tokens_major((dq_nBKGQH * scale).astype(q_BKGTH.dtype))
     # [n, B, K, C, H] as [n, B, K, 1, C, H] (one query head per KV head) -> [B, S, K, H]
     dk_BSKH, dv_BSKH = _tokens_major(dk_nBKCH[:, :, :, None]), _tokens_major(dv_nBKCH[:, :, :, None])
     # Indices, segment ids and the window are integers: no cotangent.

@@ -18,8 +18,6 @@ one line on stderr, exit status 2.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
 
 from tqdm import tqdm
@@ -63,11 +61,9 @@ def _trace(args) -> int:
                 on_task=lambda r: bar.update(),
             )  # fmt: skip
         if args.out:
-            tmp = f"{args.out}.tmp-{os.getpid()}"
-            with open(tmp, "w", encoding="utf-8") as f:
-                for r in summary["results"]:
-                    f.write(json.dumps(r) + "\n")
-            os.replace(tmp, args.out)
+            from cwm_jax.rl.harness import write_records
+
+            write_records(args.out, summary["results"])
     except (OSError, DataError, CheckpointError, GeneratorError, SandboxError) as e:
         print(f"cwm-eval trace: error: {e}", file=sys.stderr)
         return 2

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import threading
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import jax
@@ -351,6 +352,12 @@ def decode(
     state = (jnp.int32(1), tok_B, done_B, cache, out_BN, count_B)
     _, _, _, _, out_BN, count_B = jax.lax.while_loop(cond, body, state)
     return out_BN, count_B
+
+
+def until_stop(new: Sequence[int], stop_ids) -> list[int]:
+    """The tokens of a generated sequence before the first of `stop_ids` (all of them when none occurs)."""
+    end = next((i for i, t in enumerate(new) if t in stop_ids), len(new))
+    return list(new[:end])
 
 
 def generate(

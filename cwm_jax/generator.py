@@ -25,7 +25,7 @@ from cwm_jax.chat import (
     render_trace,
     render_trace_prompt,
 )
-from cwm_jax.generate import generate
+from cwm_jax.generate import generate, until_stop
 from cwm_jax.model import CwmModel
 from cwm_jax.tokenizer import Tokenizer, TokenizerError, load_tokenizer
 
@@ -145,8 +145,7 @@ class Generator:
             raise GeneratorError(f"n must be at least 1, got {n}")
         ids = self._encode(render_chat(messages, reasoning=reasoning), "a chat prompt")
         out = self._generate_many(ids, n, max_new_tokens, temperature, top_p, top_k, seed)
-        ends = [next((i for i, t in enumerate(new) if t in self._stop_ids), len(new)) for new in out]
-        return [self.tokenizer.decode(new[:end]) for new, end in zip(out, ends, strict=True)]
+        return [self.tokenizer.decode(until_stop(new, self._stop_ids)) for new in out]
 
     def predict_trace(
         self,
@@ -277,8 +276,6 @@ class Generator:
     def _generate_text(self, ids, max_new_tokens, temperature, top_p, top_k, seed, stop, on_text=None) -> str:
         new = self._generate_ids(ids, max_new_tokens, temperature, top_p, top_k, seed, on_text)
         stop = [s for s in stop if s]
-        # Text ends before the stop token that ended generation.
-        end = next((i for i, t in enumerate(new) if t in self._stop_ids), len(new))
-        text = self.tokenizer.decode(new[:end])
+        text = self.tokenizer.decode(until_stop(new, self._stop_ids))  # before the stop token that ended generation
         cut = min((i for i in (text.find(s) for s in stop) if i >= 0), default=len(text))
         return text[:cut]

@@ -84,6 +84,8 @@ def test_tiny_rl_reward_rises(tmp_path):
     print(f"mean reward: first 10 steps {first:.3f}, last 10 steps {last:.3f}")
     assert last > first + 0.15 and last > 1.5 * first, rewards
     assert all(h["groups_with_signal"] > 0 for h in state["history"][:5])  # the warm start gives GRPO a signal
+    # staleness 0: the sampling policy is the learner's, so every token's ratio is 1 (per-token means) and none clips
+    assert all(abs(h["ratio"] - 1.0) < 1e-3 and h["clip_frac"] == 0.0 for h in state["history"]), state["history"][0]
 
 
 def test_resume_is_bit_identical(tmp_path):

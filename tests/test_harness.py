@@ -239,7 +239,7 @@ def test_sampling_defaults_are_the_releases():
     )
 
 
-def test_sample_completions_share_one_prefill():
+def test_sample_completions_asks_one_sample_chat_call_in_reasoning_mode():
     class Scripted:
         def __init__(self):
             self.calls = []
@@ -309,7 +309,7 @@ def tiny_checkpoint(tmp_path_factory):
 
 
 @needs_sandbox
-def test_model_mode_on_a_random_model(tiny_checkpoint, code_files, tmp_path, capsys):
+def test_model_mode_on_a_random_model(tiny_checkpoint, tmp_path, capsys):
     tasks = write_jsonl(tmp_path / "two.jsonl", CODE_TASKS[1:])  # a stdin/stdout task and an assert task
     out = tmp_path / "results.jsonl"
     argv = ["--checkpoint", tiny_checkpoint, "--tasks", tasks, "-n", "2", "--k", "1", "2", "--max-new-tokens", "16"]
@@ -330,8 +330,8 @@ def test_model_mode_on_a_random_model(tiny_checkpoint, code_files, tmp_path, cap
     assert capsys.readouterr().out.splitlines()[:2] == ["tasks: 1, samples per task: 2", "pass@1: 0.0000"]
 
 
-def test_cwm_eval_entry_point_dispatches_code_and_math(tmp_path, capsys):
-    """`cwm-eval math` / `cwm-eval code` through cwm_jax.eval_cli.main, as the console script runs them."""
+def test_cwm_eval_entry_point_dispatches_math(tmp_path, capsys):
+    """`cwm-eval math` through cwm_jax.eval_cli.main, as the console script runs it."""
     from cwm_jax.eval_cli import main as eval_main
 
     tasks = tmp_path / "math.jsonl"
@@ -344,6 +344,13 @@ def test_cwm_eval_entry_point_dispatches_code_and_math(tmp_path, capsys):
     solutions.write_text("".join(json.dumps(x) + "\n" for x in lines))
     assert eval_main(["math", "--solutions", str(solutions), "--tasks", str(tasks)]) == 0
     assert "pass@1" in capsys.readouterr().out
+
+
+@needs_sandbox
+def test_cwm_eval_entry_point_dispatches_code(tmp_path, capsys):
+    """`cwm-eval code` through cwm_jax.eval_cli.main (its grading runs the program in the sandbox)."""
+    from cwm_jax.eval_cli import main as eval_main
+
     code_tasks = tmp_path / "code.jsonl"
     code_tasks.write_text(json.dumps({"task_id": "c1", "question": "echo", "tests": [{"input": "a\n", "output": "a"}]}))
     code_sol = tmp_path / "code_sol.jsonl"

@@ -14,9 +14,11 @@ import os
 import sysconfig
 import threading
 from collections import OrderedDict
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
+from etils import epath
 
 from cwm_jax.data.config import DataError
 
@@ -103,6 +105,16 @@ def parse_json_record(data: bytes, where: str) -> dict:
     if not isinstance(record, dict):
         raise DataError(f"{where}: expected a JSON object (a record with fields), found {type(record).__name__}")
     return record
+
+
+def iter_json_records(path) -> Iterator[tuple[int, str, dict]]:
+    """(line number, "FILE line N", record) for each non-blank line of JSONL file `path` (`parse_json_record`; a
+    local path or gs://...)."""
+    with epath.Path(path).open("rb") as f:
+        for number, line in enumerate(f, 1):
+            if line.strip():
+                where = f"{path} line {number}"
+                yield number, where, parse_json_record(line, where)
 
 
 class ParquetSource:

@@ -30,7 +30,6 @@ from __future__ import annotations
 import concurrent.futures
 import copy
 import functools
-import json
 import logging
 import os
 import time
@@ -44,7 +43,9 @@ from etils import epath
 
 from cwm_jax import chat, hf, sharding
 from cwm_jax.config import ConfigError
-from cwm_jax.generate import generate
+from cwm_jax.data.config import DataError
+from cwm_jax.data.sources import iter_json_records
+from cwm_jax.generate import generate, until_stop
 from cwm_jax.rl import rewards
 from cwm_jax.tokenizer import load_tokenizer
 from cwm_jax.train.config import validate
@@ -87,19 +88,14 @@ def load_tasks(path) -> list[dict]:
     ("kind" plus "answer" or "tests"). Raises RLError naming the file and line."""
     tasks = []
     try:
-        lines = epath.Path(path).read_text().splitlines()
+        for _, where, task in iter_json_records(path):
+            if not ({"prompt", "messages"} & set(task)) or "kind" not in task:
+                raise RLError(f"{where}: a task needs 'prompt' (or 'messages') and 'kind'")
+            tasks.append(task)
     except OSError as e:
         raise RLError(f"rl.tasks: cannot read {path} ({e})") from None
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            task = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise RLError(f"{path} line {number}: not valid JSON ({e})") from None
-        if not isinstance(task, dict) or not ({"prompt", "messages"} & set(task)) or "kind" not in task:
-            raise RLError(f"{path} line {number}: a task needs 'prompt' (or 'messages') and 'kind'")
-        tasks.append(task)
+    except DataError as e:
+        raise RLError(str(e)) from None
     if not tasks:
         raise RLError(f"rl.tasks: {path} holds no task")
     return tasks
@@ -313,8 +309,7 @@ def train_grpo(cfg, workdir, *, max_steps: int | None = None) -> dict:
                 stop_ids=stop_ids, samples_per_prompt=G,
             )  # fmt: skip
         t_gen = time.perf_counter() - t0
-        ends = [next((i for i, t in enumerate(c) if t in stop_ids), len(c)) for c in completions]
-        texts = [tokenizer.decode(c[:e]) for c, e in zip(completions, ends, strict=True)]
+        texts = [tokenizer.decode(until_stop(c, stop_ids)) for c in completions]
         scores = score_completions(texts, [tasks[chosen[b // G]] for b in range(P * G)], rl)
         reward_PG = np.array([s["reward"] for s in scores], np.float32).reshape(P, G)
         adv_PG = group_advantages(reward_PG, float(rl.adv_eps))
@@ -329,9 +324,8 @@ def train_grpo(cfg, workdir, *, max_steps: int | None = None) -> dict:
         run["state"], metrics = trainer.step(run["state"], batch)
         done = step + 1
         m = {k: float(v) for k, v in jax.device_get(metrics).items()}
-        tokens = max(m["tokens"], 1.0)
+        # kl, clip_frac and ratio arrive per completion token (the Trainer divides its sums by the loss tokens).
         m.update(
-            kl=m["kl"] / tokens, clip_frac=m["clip_frac"] / tokens, ratio=m["ratio"] / tokens,
             reward=float(reward_PG.mean()), correct=float(np.mean([s["correct"] for s in scores])),
             format=float(np.mean([s["format"] for s in scores])),
             groups_with_signal=float(np.mean(reward_PG.std(axis=1) > 0)),

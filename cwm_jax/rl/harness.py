@@ -35,6 +35,8 @@ from typing import Any
 
 from tqdm import tqdm
 
+from cwm_jax.data.config import DataError
+from cwm_jax.data.sources import iter_json_records
 from cwm_jax.rl import rewards, sandbox
 
 __all__ = [
@@ -88,18 +90,11 @@ def _records(path) -> Iterator[tuple[str, dict]]:
     path = Path(path)
     if not path.is_file():
         raise HarnessError(f"{path}: no such file")
-    with open(path, "rb") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path} line {number}"
-            try:
-                record = json.loads(line)
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                raise HarnessError(f"{where}: not valid JSON ({e})") from None
-            if not isinstance(record, dict):
-                raise HarnessError(f"{where}: expected a JSON object, found {type(record).__name__}")
+    try:
+        for _, where, record in iter_json_records(path):
             yield where, record
+    except DataError as e:
+        raise HarnessError(str(e)) from None
 
 
 def _task_id(record: dict, where: str, seen: set[str]) -> str:
@@ -224,8 +219,6 @@ def sample_completions(
     """n reasoning-mode completions of `messages` from `generator` (a cwm_jax.generator.Generator): the raw texts that
     follow the prompt's "<think>\\n", sampled together from one shared prefill of the prompt (`Generator.sample_chat`).
     """
-    if n < 1:
-        raise HarnessError(f"the number of samples must be at least 1, got {n}")
     return generator.sample_chat(
         messages, n, reasoning=True, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed
     )
@@ -348,7 +341,7 @@ def evaluate_math(
     records = []
     for task, i, completion in _samples(tasks, completions_by_task):
         correct, predicted = rewards.judge_math(completion, task["answer"])
-        status = "passed" if correct else ("no_answer" if predicted is None else "wrong_answer")
+        status, detail = rewards.answer_verdict(correct, predicted, task["answer"])
         records.append(
             {
                 "task_id": task["task_id"],
@@ -356,7 +349,7 @@ def evaluate_math(
                 "completion": completion,
                 "passed": correct,
                 "status": status,
-                "detail": f"predicted {predicted!r}, expected {task['answer']!r}",
+                "detail": detail,
                 "predicted": predicted,
                 "expected": task["answer"],
             }
@@ -438,7 +431,8 @@ def _check_ks(ks: Sequence[int], samples: Mapping[str, int]) -> None:
             )
 
 
-def _write_records(path: str, records: list[dict]) -> None:
+def write_records(path: str, records: list[dict]) -> None:
+    """`records` as JSONL at `path`, which appears only complete (a temporary file renamed into place)."""
     tmp = f"{path}.tmp-{os.getpid()}"
     try:
         with open(tmp, "w", encoding="utf-8") as f:
@@ -473,7 +467,7 @@ def _run(args, name: str, load, messages, evaluate) -> int:
         _check_ks(args.k, {task_id: len(completions) for task_id, completions in by_task.items()})
         summary = evaluate(tasks, by_task)
         if args.out:
-            _write_records(args.out, summary["records"])
+            write_records(args.out, summary["records"])
     except (HarnessError, GeneratorError, CheckpointError, sandbox.SandboxError, OSError) as e:
         print(f"cwm-eval {name}: error: {e}", file=sys.stderr)
         return 2

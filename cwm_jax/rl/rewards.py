@@ -25,7 +25,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from fractions import Fraction
 from typing import Any
 
-from cwm_jax.chat import THINK_END, parse_reply
+from cwm_jax.chat import parse_reply
 from cwm_jax.rl import sandbox
 from cwm_jax.rl.sandbox import Job, Limits, Pool
 
@@ -73,8 +73,8 @@ DETAIL_CHARS = 200  # each quoted piece of a verdict's detail (input, expected, 
 def think_format_ok(text: str) -> bool:
     """Whether reasoning-mode completion `text` is "reasoning\\n</think>\\nanswer" with both parts non-blank and no
     second think tag in the answer (a leading "<think>\\n", which the prompt already holds, is allowed)."""
-    reply = parse_reply(text, reasoning=True)
-    if THINK_END not in text or not reply.reasoning.strip() or not reply.answer.strip():
+    reply = parse_reply(text, reasoning=True)  # without a closing tag the answer is "" (a cut reasoning)
+    if not reply.reasoning.strip() or not reply.answer.strip():
         return False
     return "<think>" not in reply.answer and "</think>" not in reply.answer
 
@@ -435,6 +435,13 @@ def answers_equal(a: str, b: str) -> bool:
     return bool(_equal(normalize_answer(a), normalize_answer(b)))
 
 
+def answer_verdict(correct: bool, predicted: str | None, answer: str) -> tuple[str, str]:
+    """(status, detail) of an answer-graded completion: "passed", "wrong_answer" or "no_answer" (nothing extracted),
+    and "predicted ..., expected ..."."""
+    status = "passed" if correct else ("no_answer" if predicted is None else "wrong_answer")
+    return status, f"predicted {predicted!r}, expected {answer!r}"
+
+
 def judge_math(completion: str, answer: str, *, reasoning: bool = True) -> tuple[bool, str | None]:
     """(correct, predicted answer or None) of `completion` (reasoning mode unless `reasoning=False`) against the
     expected `answer`."""
@@ -458,7 +465,6 @@ def score(
     format_weight: float = 0.0,
     reasoning: bool = True,
     limits: Limits | None = None,
-    pool: Pool | None = None,
 ) -> dict:
     """The reward of `completion` on `task`, with its parts. A reasoning-mode completion (the prompt ended with
     "<think>\\n") is graded on its answer after the reasoning; with `reasoning=False` the whole completion is the
@@ -468,7 +474,7 @@ def score(
     (`judge_math`) or {"kind": "exact", "answer": str} (the stripped answer part equals the stripped expected text,
     for toy tasks). Returns {"reward": correct + format_weight * format, "correct": 1.0 or 0.0, "format":
     `format_reward(completion)`, "kind", "status", "detail"}; status is a CODE_STATUSES entry for code, else
-    "passed", "wrong_answer" or "no_answer". limits and pool go to `run_tests` (code tasks only).
+    "passed", "wrong_answer" or "no_answer". limits go to `run_tests` (code tasks only).
     Raises ValueError naming the key of a malformed task.
     """
     kind = task.get("kind") if isinstance(task, Mapping) else None
@@ -477,7 +483,7 @@ def score(
     if kind == "code":
         if "tests" not in task:
             raise ValueError(f"a code task needs 'tests'; got keys {sorted(task)}")
-        verdict = judge_code(completion, task["tests"], reasoning=reasoning, limits=limits, pool=pool)
+        verdict = judge_code(completion, task["tests"], reasoning=reasoning, limits=limits)
         correct, status, detail = verdict.passed, verdict.status, verdict.detail
     else:
         if not isinstance(task.get("answer"), str):
@@ -487,8 +493,7 @@ def score(
         else:
             predicted = parse_reply(completion, reasoning=reasoning).answer.strip() or None
             correct = predicted == task["answer"].strip()
-        status = "passed" if correct else ("no_answer" if predicted is None else "wrong_answer")
-        detail = f"predicted {predicted!r}, expected {task['answer']!r}"
+        status, detail = answer_verdict(correct, predicted, task["answer"])
     fmt = format_reward(completion) if reasoning else 0.0
     correct = 1.0 if correct else 0.0
     return {

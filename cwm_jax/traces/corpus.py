@@ -32,7 +32,7 @@ from tqdm import tqdm
 
 from cwm_jax.data.build import ShardWriter
 from cwm_jax.data.config import DataError
-from cwm_jax.data.sources import parse_json_record
+from cwm_jax.data.sources import iter_json_records
 from cwm_jax.traces import run
 
 
@@ -53,12 +53,9 @@ def read_corpus(sources: list[str], *, entry: str = "main") -> Iterator[tuple[st
 
 
 def _jsonl_jobs(path: Path) -> Iterator[tuple[str, dict]]:
-    with open(path, "rb") as f:
-        for number, line in enumerate(f, 1):
-            if line.strip():
-                where = f"{path} line {number}"
-                for job in record_jobs(parse_json_record(line, where), where, f"{path.name}:{number}"):
-                    yield where, job
+    for number, where, record in iter_json_records(path):
+        for job in record_jobs(record, where, f"{path.name}:{number}"):
+            yield where, job
 
 
 def record_jobs(record: dict, where: str, default_id: str) -> list[dict]:

@@ -22,7 +22,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from cwm_jax.data.config import DataError
-from cwm_jax.data.sources import parse_json_record
+from cwm_jax.data.sources import iter_json_records
 from cwm_jax.traces import chat_frames, frame_dicts, run
 from cwm_jax.traces.corpus import record_jobs
 from cwm_jax.traces.tracer import resolve_locals
@@ -36,23 +36,19 @@ def load_tasks(path, *, limits: run.TraceLimits | None = None, workers: int | No
     if not path.is_file():
         raise DataError(f"{path}: no such tasks file")
     tasks, to_run = [], []
-    with open(path, "rb") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where, default_id = f"{path} line {number}", f"{path.name}:{number}"
-            record = parse_json_record(line, where)
-            if isinstance(record.get("trace"), dict):
-                t = record["trace"]
-                if not {"source", "entry", "frames"} <= set(t):
-                    raise DataError(f"{where}: a trace record needs 'source', 'entry' and 'frames'")
-                keep = dict(call=record.get("call"), output=record.get("output"), exception=record.get("exception"))
-                tasks.append(
-                    dict(id=record.get("id", default_id), source=t["source"], entry=t["entry"], frames=t["frames"],
-                         status=record.get("status", "ok"), **keep)
-                )  # fmt: skip
-            else:
-                to_run += record_jobs(record, where, default_id)
+    for number, where, record in iter_json_records(path):
+        default_id = f"{path.name}:{number}"
+        if isinstance(record.get("trace"), dict):
+            t = record["trace"]
+            if not {"source", "entry", "frames"} <= set(t):
+                raise DataError(f"{where}: a trace record needs 'source', 'entry' and 'frames'")
+            keep = dict(call=record.get("call"), output=record.get("output"), exception=record.get("exception"))
+            tasks.append(
+                dict(id=record.get("id", default_id), source=t["source"], entry=t["entry"], frames=t["frames"],
+                     status=record.get("status", "ok"), **keep)
+            )  # fmt: skip
+        else:
+            to_run += record_jobs(record, where, default_id)
     skipped: dict[str, int] = {}
     for job, result in zip(to_run, run.trace_jobs(to_run, limits=limits, workers=workers), strict=True):
         if result["status"] in run.COMPLETE and result.get("complete") and result["frames"]:

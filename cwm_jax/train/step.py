@@ -276,10 +276,11 @@ class Trainer:
             return (jax.tree.map(jnp.add, g_acc, g), loss_acc + loss, jax.tree.map(jnp.add, sums_acc, sums)), None
 
         zero = jnp.zeros((), jnp.float32)
-        first = jax.tree.map(lambda x: x[0], jax.tree.map(split, batch))
+        micro_batches = jax.tree.map(split, batch)
+        first = jax.tree.map(lambda x: x[0], micro_batches)
         sums0 = jax.tree.map(jnp.zeros_like, jax.eval_shape(lambda: self._loss(params, first, total)[1]))
         init = (jax.tree.map(jnp.zeros_like, params), zero, sums0)
-        (grads, loss, sums), _ = jax.lax.scan(micro, init, jax.tree.map(split, batch))
+        (grads, loss, sums), _ = jax.lax.scan(micro, init, micro_batches)
         return loss, sums, grads
 
     def _train_step(self, state, batch):
